@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv data test demo bench broker-stop clean
+
+venv: $(STAMP)
+
+# The venv is rebuilt only when requirements.txt changes.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+# Real datasets: Fashion-MNIST from Debian's dataset-fashion-mnist package.
+data:
+	@bash execution_scripts/get_data.sh
+
+test: venv data
+	$(PY) -m pytest -q tests
+
+demo: venv data
+	bash execution_scripts/demo.sh
+
+bench: venv data
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+broker-stop:
+	-$(PY) -m streamsim.broker stop
+
+clean:
+	rm -rf logs .run
