@@ -1,0 +1,624 @@
+"""The stream buffer: one device topic in, training batches out.
+
+A *source* gives the decoded records of one device topic, in order, as ``(offset, record)``
+pairs: ``KafkaSource`` reads a real topic; ``InProcessSource`` generates the identical records
+from the same ``DeviceStream`` without a broker (offset = sequence number). Malformed records
+are counted per kind in ``source.malformed``, logged once per kind, and skipped.
+
+``StreamBuffer`` turns a source into batches under one of the paper's two policies:
+
+- ``persistence``: every admitted sample stays until it is trained (or dropped for capacity);
+  a batch takes the oldest, leftovers carry over to the next step.
+- ``truncation``: only what arrived in the current window of ``window_s`` stream seconds is
+  kept; older samples are discarded (``truncated``), a batch takes the newest and discards
+  the rest of its window.
+
+Both policies hold at most ``capacity`` samples; overflow drops the oldest (``dropped``).
+
+Time comes from the clock the caller passes. With a wall clock, records are admitted when
+they are polled and waiting means polling. With a virtual clock, records are admitted by
+event time (a record with ``event_time_s <= clock.now()`` has arrived) and waiting advances
+the clock to the moment the wait would end, so a slow stream costs stream time, not wall
+time. Records of a topic come in event-time order, so once a record later than ``t`` (or the
+end-of-stream marker) has been fetched, every record up to ``t`` is known.
+
+``commit_used()`` commits the offset of the oldest sample not yet trained or discarded, so a
+run resumed from the committed offset neither loses nor repeats a sample.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple, Protocol
+
+import numpy as np
+
+from streamsim.record import EndOfStream, RecordError, Sample, decode
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("persistence", "truncation")
+START_MODES = ("committed", "beginning")
+
+Record = Sample | EndOfStream
+
+
+class StreamStalled(RuntimeError):
+    """No record arrived for ``stall_timeout_s`` while a batch needed data."""
+
+
+class SourceError(RuntimeError):
+    """A topic that cannot be read (it does not exist). An unreachable broker raises
+    ``streamsim.broker.BrokerUnreachable``."""
+
+
+class RawRecord(NamedTuple):
+    """An undecoded record: what a Kafka consumer hands over (and what fakes imitate)."""
+
+    offset: int
+    value: bytes | None
+    timestamp: int  # event time, epoch milliseconds
+
+
+class RecordDecoder:
+    """Validating decode of one topic's raw records, counting malformed ones per kind.
+
+    Each kind of malformation is logged once (with topic and offset); every malformed record
+    is counted in ``malformed`` and skipped, so it never crashes a consumer or enters a batch.
+    """
+
+    def __init__(self, topic: str, device: int | None = None, num_classes: int | None = None,
+                 sample_shape: tuple[int, int, int] | None = None):
+        self.topic = topic
+        self.device = device
+        self.num_classes = num_classes
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+        self.malformed: dict[str, int] = {}
+
+    def decode_all(self, raw: Iterable) -> list[tuple[int, Record]]:
+        """Decode records with ``offset``, ``value`` and ``timestamp`` (ms) attributes."""
+        out = []
+        append = out.append
+        num_classes, shape, device = self.num_classes, self.sample_shape, self.device
+        for r in raw:
+            try:
+                append((r.offset, decode(r.value, r.timestamp, num_classes, shape, device)))
+            except RecordError as e:
+                self._count(e, r.offset)
+        return out
+
+    def _count(self, error: RecordError, offset: int) -> None:
+        seen = self.malformed.get(error.kind, 0)
+        self.malformed[error.kind] = seen + 1
+        if seen == 0:
+            log.warning("malformed record on topic %s at offset %d (%s); skipping it and "
+                        "counting further %r records without logging them",
+                        self.topic, offset, error, error.kind)
+
+
+class Source(Protocol):
+    """What ``StreamBuffer`` needs from a source of one device topic."""
+
+    topic: str
+    sample_shape: tuple[int, int, int] | None
+    malformed: dict[str, int]
+
+    def poll(self, timeout_s: float) -> list[tuple[int, Record]]: ...
+    def position(self) -> int: ...
+    def commit(self, offset: int) -> None: ...
+    def committed(self) -> int | None: ...
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+class KafkaSource:
+    """One device topic (partition 0) read by a ``KafkaConsumer`` with manual assignment.
+
+    ``group_id`` is used only to store offsets (OffsetCommit / OffsetFetch): there is no group
+    join, auto-commit is off and offsets are committed only by ``commit(offset)``.
+    ``start``: ``"committed"`` (the group's committed offset, else the beginning),
+    ``"beginning"``, or an explicit offset. ``consumer_settings`` override any client setting.
+    Offsets and counts never come from the broker's end-offset or timestamp lookups.
+    """
+
+    # Throughput: large fetches (a CIFAR record is ~3 KB), many records per poll, and a short
+    # broker-side wait so an idle topic does not delay wall-clock batches. CRC checks stay on.
+    DEFAULT_SETTINGS = dict(
+        fetch_min_bytes=1,
+        fetch_max_wait_ms=100,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        max_poll_records=4096,
+        check_crcs=True,
+        metrics_enabled=False,
+        bootstrap_timeout_ms=10_000,
+        request_timeout_ms=30_000,
+    )
+
+    def __init__(self, bootstrap: str, topic: str, group_id: str, device: int,
+                 num_classes: int | None = None,
+                 sample_shape: tuple[int, int, int] | None = None,
+                 start: str | int = "committed", poll_timeout_ms: int = 100,
+                 consumer_settings: dict | None = None):
+        from kafka import KafkaConsumer, TopicPartition
+        from kafka.errors import KafkaError
+
+        if not (start in START_MODES or (isinstance(start, int) and start >= 0)):
+            raise ValueError(f"start={start!r}: use 'committed', 'beginning' or an offset >= 0")
+        if poll_timeout_ms < 0:
+            raise ValueError(f"poll_timeout_ms={poll_timeout_ms} must be >= 0")
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.group_id = group_id
+        self.device = device
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+        self.poll_timeout_ms = poll_timeout_ms
+        self._decoder = RecordDecoder(topic, device, num_classes, sample_shape)
+        self.malformed = self._decoder.malformed
+        self._tp = TopicPartition(topic, 0)
+        settings = dict(self.DEFAULT_SETTINGS)
+        settings.update(consumer_settings or {})
+        settings.update(bootstrap_servers=bootstrap, group_id=group_id,
+                        enable_auto_commit=False, allow_auto_create_topics=False,
+                        auto_offset_reset="earliest")
+        kafka_log = logging.getLogger("kafka")
+        level = kafka_log.level
+        kafka_log.setLevel(logging.CRITICAL)  # it logs every refused connection
+        try:
+            self._consumer = KafkaConsumer(**settings)
+        except KafkaError:
+            from streamsim.broker import FIX_HINT, BrokerUnreachable
+
+            timeout_s = settings["bootstrap_timeout_ms"] / 1000
+            raise BrokerUnreachable(f"Kafka broker at {bootstrap} is unreachable (no answer "
+                                    f"within {timeout_s:g} s): {FIX_HINT}") from None
+        finally:
+            kafka_log.setLevel(level)
+        try:
+            partitions = self._consumer.partitions_for_topic(topic)
+            if not partitions or 0 not in partitions:
+                raise SourceError(f"topic {topic!r} does not exist on {bootstrap}: create it "
+                                  f"(streamsim.broker.create_topics) before consuming")
+            self._consumer.assign([self._tp])
+            if start == "committed":
+                committed = self._consumer.committed(self._tp)
+                start = 0 if committed is None else committed
+            elif start == "beginning":
+                start = 0  # out of range after retention -> auto_offset_reset earliest
+            self._consumer.seek(self._tp, start)
+        except BaseException:
+            self._consumer.close()
+            raise
+        self._position = int(start)
+
+    def poll(self, timeout_s: float | None = None) -> list[tuple[int, Record]]:
+        """Decoded records in offset order (malformed ones counted and skipped)."""
+        timeout_ms = self.poll_timeout_ms if timeout_s is None else int(timeout_s * 1000)
+        batches = self._consumer.poll(timeout_ms=max(0, timeout_ms))
+        raw = batches.get(self._tp)
+        if not raw:
+            return []
+        self._position = raw[-1].offset + 1
+        return self._decoder.decode_all(raw)
+
+    def position(self) -> int:
+        """Offset of the next record this source will return."""
+        return self._position
+
+    def commit(self, offset: int) -> None:
+        from kafka.structs import OffsetAndMetadata
+
+        self._consumer.commit({self._tp: OffsetAndMetadata(int(offset), "", -1)})
+
+    def committed(self) -> int | None:
+        return self._consumer.committed(self._tp)
+
+    def highwater(self) -> int | None:
+        """The partition's high watermark as of the last fetch (None before one)."""
+        return self._consumer.highwater(self._tp)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> "KafkaSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class InProcessSource:
+    """The records a producer would write for ``stream``, generated in-process (no broker).
+
+    Identical to what ``KafkaSource`` reads from the produced topic: sample ``seq`` at offset
+    ``seq``, event time ``start_time_s + offset_s`` (at the producer's millisecond resolution),
+    and with ``duration_s`` the end-of-stream marker at offset = count, event time
+    ``start_time_s + duration_s``. A record is released once the wall clock has passed its
+    event time, so a stream started at ``time.time()`` is paced in real time, and a virtual
+    one (``VIRTUAL_EPOCH_S`` lies in the past) is available at once. ``start`` resumes from an
+    offset (a committed one, say); commits are kept in memory.
+    """
+
+    CHUNK_BYTES = 16 << 20  # pixels generated per poll at most (4096 records at most)
+
+    def __init__(self, stream, dataset, start_time_s: float, duration_s: float | None = None,
+                 start: int = 0):
+        if duration_s is not None and duration_s <= 0:
+            raise ValueError(f"duration_s={duration_s} must be > 0")
+        if start < 0:
+            raise ValueError(f"start={start} must be >= 0")
+        self.stream = stream
+        self.dataset = dataset
+        self.device = int(stream.device)
+        self.topic = f"inprocess-device-{self.device}"
+        self.sample_shape = tuple(dataset.sample_shape)
+        self._chunk = int(min(4096, max(16, self.CHUNK_BYTES // np.prod(self.sample_shape))))
+        self.malformed: dict[str, int] = {}
+        self.start_time_s = float(start_time_s)
+        self.duration_s = duration_s
+        self._position = int(start)
+        self._committed: int | None = None
+        if duration_s is not None:
+            seqs, offsets_s, indices = stream.plan(duration_s)
+            self._seqs = np.asarray(seqs, dtype=np.int64)
+            self._times_s = self._event_times(np.asarray(offsets_s, dtype=np.float64))
+            self._indices = np.asarray(indices, dtype=np.int64)
+            self._count = len(self._seqs)
+            self._eos_time_s = float(_ms_times(self.start_time_s, duration_s))
+        else:
+            self._iter = itertools.islice(iter(stream), start, None)
+            self._count = None
+            self._base = start  # seq of the first generated record held below
+            self._seqs = np.empty(0, np.int64)
+            self._times_s = np.empty(0, np.float64)
+            self._indices = np.empty(0, np.int64)
+        self._eos_sent = self._count is not None and start > self._count
+
+    def _event_times(self, offsets_s: np.ndarray) -> np.ndarray:
+        return _ms_times(self.start_time_s, offsets_s)
+
+    def _window(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Up to ``n`` records from the current position: (seqs, event times, indices)."""
+        pos = self._position
+        if self._count is not None:
+            end = min(pos + n, self._count)
+            return self._seqs[pos:end], self._times_s[pos:end], self._indices[pos:end]
+        # Unbounded: forget what was returned, generate more when needed.
+        drop = pos - self._base
+        self._seqs, self._times_s, self._indices = (
+            self._seqs[drop:], self._times_s[drop:], self._indices[drop:])
+        self._base = pos
+        if len(self._seqs) < n:
+            more = list(itertools.islice(self._iter, n - len(self._seqs) + self._chunk))
+            if more:
+                seqs, offsets_s, indices = (np.array(col) for col in zip(*more))
+                self._seqs = np.concatenate([self._seqs, seqs.astype(np.int64)])
+                self._times_s = np.concatenate(
+                    [self._times_s, self._event_times(offsets_s.astype(np.float64))])
+                self._indices = np.concatenate([self._indices, indices.astype(np.int64)])
+        return self._seqs[:n], self._times_s[:n], self._indices[:n]
+
+    def poll(self, timeout_s: float = 0.1) -> list[tuple[int, Record]]:
+        deadline = time.time() + max(0.0, timeout_s)
+        while True:
+            now = time.time()
+            seqs, times_s, indices = self._window(self._chunk)
+            if len(seqs):
+                n = int(np.searchsorted(times_s, now, side="right"))
+                if n:
+                    return self._samples(seqs[:n], times_s[:n], indices[:n])
+                next_s = float(times_s[0])
+            elif self._count is not None and not self._eos_sent:
+                if self._eos_time_s <= now:
+                    self._eos_sent = True
+                    self._position = self._count + 1
+                    return [(self._count, EndOfStream(self.device, self._count,
+                                                      self._eos_time_s))]
+                next_s = self._eos_time_s
+            else:
+                return []  # the end-of-stream marker was returned: nothing more will come
+            if now >= deadline:
+                return []
+            time.sleep(min(next_s, deadline) - now)
+
+    def _samples(self, seqs, times_s, indices) -> list[tuple[int, Record]]:
+        pixels = self.dataset.batch_pixels(indices)
+        labels = self.dataset.labels[indices]
+        device = self.device
+        out = [(int(s), Sample(device, int(s), int(y), p, float(t)))
+               for s, y, p, t in zip(seqs, labels, pixels, times_s)]
+        self._position = int(seqs[-1]) + 1
+        return out
+
+    def position(self) -> int:
+        return self._position
+
+    def commit(self, offset: int) -> None:
+        self._committed = int(offset)
+
+    def committed(self) -> int | None:
+        return self._committed
+
+    def close(self) -> None:
+        pass
+
+
+def _ms_times(start_time_s: float, offsets_s):
+    """Event times as a produced record carries them: the producer's whole milliseconds
+    (``round(start_ms + offset_s * 1000)``, streamsim.produce), back in seconds."""
+    return np.round(start_time_s * 1000.0 + np.asarray(offsets_s, np.float64) * 1000.0) / 1000.0
+
+
+# --------------------------------------------------------------------------------------------
+# The buffer
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """One local training batch and what forming it cost."""
+
+    images: np.ndarray         # uint8 (b, C, H, W)
+    labels: np.ndarray         # int64 (b,)
+    seqs: np.ndarray           # int64 (b,) per-device sequence numbers
+    event_times_s: np.ndarray  # float64 (b,)
+    wait_s: float              # clock seconds spent waiting in this call
+    buffer_len: int            # samples left in the buffer after taking this batch
+    dropped: int               # dropped for capacity during this call
+    truncated: int             # discarded by truncation during this call
+    ended: bool                # the stream ended and nothing is left after this batch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def bytes(self) -> int:
+        """Pixel bytes in the batch."""
+        return int(self.images.nbytes)
+
+
+class StreamBuffer:
+    """Admitted samples of one device stream and the policy that turns them into batches."""
+
+    def __init__(self, source: Source, policy: str = "persistence", capacity: int = 10_000,
+                 window_s: float = 1.0, stall_timeout_s: float = 60.0,
+                 poll_timeout_s: float = 0.1):
+        if policy not in POLICIES:
+            raise ValueError(f"policy={policy!r}: use one of {', '.join(POLICIES)}")
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity} must be >= 1")
+        if not window_s > 0:
+            raise ValueError(f"window_s={window_s} must be > 0")
+        if not stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s={stall_timeout_s} must be > 0")
+        self.source = source
+        self.policy = policy
+        self.capacity = int(capacity)
+        self.window_s = float(window_s)
+        self.stall_timeout_s = float(stall_timeout_s)
+        self.poll_timeout_s = float(poll_timeout_s)
+        self._buf: deque[tuple[int, Sample]] = deque()      # admitted, oldest first
+        self._pending: deque[tuple[int, Sample]] = deque()  # fetched, not yet admitted
+        self._eos: tuple[int, EndOfStream] | None = None    # (offset, marker) once fetched
+        self._eos_admitted = False
+        self._horizon_s = -math.inf  # event time of the latest fetched record
+        self._sample_shape = getattr(source, "sample_shape", None)
+        self._last_arrival = time.monotonic()
+        self._call_started = self._last_arrival
+        self.admitted = self.trained = self.dropped = self.truncated = 0
+        self.peak_buffer_len = 0
+
+    # -- public ---------------------------------------------------------------------------
+
+    def next_window_batch(self, clock, min_bsz: int, max_bsz: int,
+                          last_step_s: float) -> Batch:
+        """ScaDLES: wait until ``window_s`` has passed since ``last_step_s`` and ``min_bsz``
+        samples are there (or the stream ended), then take up to ``max_bsz``."""
+        if not 0 <= min_bsz <= max_bsz:
+            raise ValueError(f"need 0 <= min_bsz ({min_bsz}) <= max_bsz ({max_bsz})")
+        if min_bsz > self.capacity:
+            raise ValueError(f"min_bsz={min_bsz} exceeds the buffer capacity {self.capacity}")
+        start = self._begin(clock)
+        if self.ended:
+            return self._take(clock, start, 0, newest=False)
+        ready_s = max(clock.now(), last_step_s + self.window_s)
+        self._wait_until(clock, ready_s)
+        if self.policy == "truncation":
+            # The current window is (ready_s - window_s, ...]: samples arriving while we
+            # wait for min_bsz beyond ready_s belong to it too, so the wait always ends.
+            self._truncate(ready_s - self.window_s)
+        self._wait_for_count(clock, min_bsz)
+        if self.policy == "persistence":
+            return self._take(clock, start, max_bsz, newest=False)
+        return self._take(clock, start, max_bsz, newest=True)
+
+    def next_fixed_batch(self, clock, bsz: int) -> Batch:
+        """Conventional synchronous SGD: wait until ``bsz`` samples are there (or the stream
+        ended), take the oldest ``bsz``. Persistence whatever ``policy`` says."""
+        if not 1 <= bsz <= self.capacity:
+            raise ValueError(f"bsz={bsz} must be in [1, capacity={self.capacity}]")
+        start = self._begin(clock)
+        self._wait_until(clock, clock.now())
+        self._wait_for_count(clock, bsz)
+        return self._take(clock, start, bsz, newest=False)
+
+    def commit_used(self) -> int:
+        """Commit (and return) the offset of the oldest sample not yet trained or discarded:
+        everything before it was used, so a run resumed there loses and repeats nothing."""
+        if self._buf:
+            offset = self._buf[0][0]
+        elif self._pending:
+            offset = self._pending[0][0]
+        elif self._eos is not None:
+            offset = self._eos[0]  # a resumed run sees the end-of-stream marker again
+        else:
+            offset = self.source.position()
+        self.source.commit(offset)
+        return offset
+
+    @property
+    def ended(self) -> bool:
+        """The end-of-stream marker was admitted and every sample has been used."""
+        return self._eos_admitted and not self._buf
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def stats(self) -> dict:
+        return dict(admitted=self.admitted, trained=self.trained, dropped=self.dropped,
+                    truncated=self.truncated, malformed=dict(self.source.malformed),
+                    buffer_len=len(self._buf), peak_buffer_len=self.peak_buffer_len)
+
+    def close(self) -> None:
+        self.source.close()
+
+    # -- fetching and admission -------------------------------------------------------------
+
+    def _begin(self, clock) -> tuple[float, int, int]:
+        self._call_started = time.monotonic()
+        return clock.now(), self.dropped, self.truncated
+
+    def _fetch(self, timeout_s: float, needed: str) -> bool:
+        """Poll the source once; raise StreamStalled when nothing came for too long."""
+        malformed_before = sum(self.source.malformed.values())
+        records = self.source.poll(timeout_s)
+        if records or sum(self.source.malformed.values()) != malformed_before:
+            self._last_arrival = time.monotonic()
+        else:
+            idle_s = time.monotonic() - max(self._last_arrival, self._call_started)
+            if idle_s > self.stall_timeout_s:
+                topic = getattr(self.source, "topic", self.source)
+                raise StreamStalled(
+                    f"no record on topic {topic} for {idle_s:.0f} s and no end-of-stream "
+                    f"marker while waiting for {needed}: is the producer running "
+                    f"(python -m streamsim.produce)?")
+        eos = self._eos
+        for offset, record in records:
+            if eos is not None:
+                break  # nothing after the end-of-stream marker belongs to this stream
+            if record.__class__ is EndOfStream:
+                eos = self._eos = (offset, record)
+            else:
+                self._pending.append((offset, record))
+            if record.event_time_s > self._horizon_s:
+                self._horizon_s = record.event_time_s
+        return bool(records)
+
+    def _admit(self, t_s: float) -> None:
+        """Admit fetched samples with event time <= t_s (all of them for t_s = inf)."""
+        pending, buf = self._pending, self._buf
+        n = 0
+        if t_s == math.inf:
+            n = len(pending)
+            buf.extend(pending)
+            pending.clear()
+        else:
+            while pending and pending[0][1].event_time_s <= t_s:
+                buf.append(pending.popleft())
+                n += 1
+        self.admitted += n
+        over = len(buf) - self.capacity
+        if over > 0:
+            for _ in range(over):
+                buf.popleft()
+            self.dropped += over
+        if len(buf) > self.peak_buffer_len:
+            self.peak_buffer_len = len(buf)
+        if (self._eos is not None and not pending
+                and self._eos[1].event_time_s <= t_s):
+            self._eos_admitted = True
+
+    def _known_until(self, t_s: float) -> bool:
+        """Every record with event time <= t_s has been fetched."""
+        return self._eos is not None or self._horizon_s > t_s
+
+    def _wait_until(self, clock, ready_s: float) -> None:
+        """Let time pass until ``ready_s``, admitting what arrives until then."""
+        if clock.is_virtual:
+            while not self._known_until(ready_s):
+                self._fetch(self.poll_timeout_s, f"records up to t={ready_s:.3f}")
+            clock.advance_to(ready_s)
+            self._admit(clock.now())
+            return
+        while True:
+            remaining_s = ready_s - clock.now()
+            if remaining_s <= 0:
+                break
+            if self._eos is None:
+                self._fetch(min(remaining_s, self.poll_timeout_s), "the window")
+                self._admit(math.inf)
+            else:
+                clock.advance_to(ready_s)
+        # Drain what is already there, up to records produced after we started draining.
+        drain_from_s = clock.now()
+        while self._eos is None and self._fetch(0.0, "the window"):
+            self._admit(math.inf)
+            if self._horizon_s >= drain_from_s:
+                break
+        self._admit(math.inf)
+
+    def _wait_for_count(self, clock, count: int) -> None:
+        """Wait until ``count`` samples are admitted or the stream has ended."""
+        needed = f"{count} samples"
+        if clock.is_virtual:
+            while len(self._buf) < count and not self._eos_admitted:
+                while not self._pending and self._eos is None:
+                    self._fetch(self.poll_timeout_s, needed)
+                # Next arrival: the oldest pending sample, else the end-of-stream marker.
+                next_s = self._pending[0][1].event_time_s if self._pending \
+                    else self._eos[1].event_time_s
+                while not self._known_until(next_s):  # fetch every record tied at next_s
+                    self._fetch(self.poll_timeout_s, needed)
+                clock.advance_to(next_s)
+                self._admit(clock.now())
+            return
+        while len(self._buf) < count and not self._eos_admitted:
+            self._fetch(self.poll_timeout_s, needed)
+            self._admit(math.inf)
+
+    # -- policies -------------------------------------------------------------------------
+
+    def _truncate(self, cutoff_s: float) -> None:
+        """Discard admitted samples with event time <= cutoff_s."""
+        buf = self._buf
+        n = 0
+        while buf and buf[0][1].event_time_s <= cutoff_s:
+            buf.popleft()
+            n += 1
+        self.truncated += n
+
+    def _take(self, clock, start: tuple[float, int, int], max_bsz: int,
+              newest: bool) -> Batch:
+        buf = self._buf
+        n = min(len(buf), max_bsz)
+        if newest:
+            discard = len(buf) - n
+            for _ in range(discard):
+                buf.popleft()
+            self.truncated += discard
+        taken = [buf.popleft() for _ in range(n)]
+        self.trained += n
+        start_s, dropped0, truncated0 = start
+        samples = [s for _, s in taken]
+        if samples:
+            images = np.stack([s.pixels for s in samples])
+            self._sample_shape = images.shape[1:]
+        else:
+            images = np.zeros((0, *(self._sample_shape or (0, 0, 0))), dtype=np.uint8)
+        return Batch(
+            images=images,
+            labels=np.fromiter((s.label for s in samples), np.int64, n),
+            seqs=np.fromiter((s.seq for s in samples), np.int64, n),
+            event_times_s=np.fromiter((s.event_time_s for s in samples), np.float64, n),
+            wait_s=clock.now() - start_s,
+            buffer_len=len(buf),
+            dropped=self.dropped - dropped0,
+            truncated=self.truncated - truncated0,
+            ended=self.ended,
+        )
