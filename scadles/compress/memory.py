@@ -1,0 +1,74 @@
+"""Error feedback: what compression left out of a layer is added back at its next step.
+
+``ResidualMemory`` keeps one residual per parameter name (grace's ``memory/residual.py``);
+``NoMemory`` is the plain baseline (``--no-error-feedback``). Residuals are in the units of
+what was sent, i.e. of the weighted gradient w_i x g_i.
+
+Exactness: at every step ``sent + new residual == weighted gradient + old residual``. On a
+sparse step the residual is what Top-k dropped; on a dense step the old residual goes out
+with the gradient and the memory is cleared, so nothing is counted twice or lost.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ResidualMemory:
+    """Residuals keyed by parameter name."""
+
+    def __init__(self):
+        self.residuals: dict[str, torch.Tensor] = {}
+
+    def compensate_(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """Add the residual of ``name`` to ``tensor`` in place; returns it."""
+        residual = self.residuals.get(name)
+        if residual is not None:
+            tensor.add_(residual)
+        return tensor
+
+    def update(self, tensor: torch.Tensor, name: str, compressor, payload, ctx) -> None:
+        """Remember what of ``tensor`` the compressed ``payload`` does not carry:
+        tensor − decompress(payload), in the residual's buffer from the last step when there
+        is one (model-sized allocations every step cost more than the arithmetic)."""
+        residual = self.residuals.get(name)
+        if (residual is None or residual.shape != tensor.shape
+                or residual.dtype != tensor.dtype or residual.device != tensor.device):
+            residual = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+        residual.copy_(tensor)
+        compressor.decompress_add_(residual, payload, ctx, alpha=-1.0)
+        self.residuals[name] = residual
+
+    def clear(self) -> None:
+        """Forget every residual (after a dense step has sent them)."""
+        self.residuals.clear()
+
+    def state_dict(self) -> dict:
+        return {"residuals": {n: r.detach().cpu().clone() for n, r in self.residuals.items()}}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.residuals = {n: r.to(device) for n, r in state.get("residuals", {}).items()}
+
+
+class NoMemory:
+    """No error feedback: what compression drops is lost."""
+
+    @property
+    def residuals(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def compensate_(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return tensor
+
+    def update(self, tensor: torch.Tensor, name: str, compressor, payload, ctx) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"residuals": {}}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        if state.get("residuals"):
+            raise ValueError("checkpoint holds error-feedback residuals but error feedback "
+                             "is off (--no-error-feedback): resume with the same setting")
