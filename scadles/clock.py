@@ -97,3 +97,43 @@ class ComputeModel:
         if self.kind == "fixed":
             return values[0]
         return values[0] + values[1] * batch_size
+
+
+class CommModel:
+    """Seconds a step's gradient exchange takes on the virtual clock.
+
+    Specs: ``measured``; ``fixed:SEC``; ``link:MBIT_PER_S[,LATENCY_S]`` (latency + bytes this
+    rank sent x 8 / bandwidth: an edge uplink); ``auto``: measured when the compute time is
+    measured, 0 when it is modelled (a modelled compute time then covers the whole step, so a
+    virtual run is deterministic for its seed).
+    """
+
+    def __init__(self, spec: str = "auto"):
+        self.spec = spec
+        kind, _, rest = spec.partition(":")
+        if kind in ("auto", "measured") and not rest:
+            self.kind, self.params = kind, []
+            return
+        try:
+            values = [float(v) for v in rest.split(",")] if rest else []
+        except ValueError:
+            values = []
+        ok = (kind == "fixed" and len(values) == 1) or (kind == "link" and len(values) in (1, 2))
+        if not ok or min(values) < 0 or (kind == "link" and values[0] <= 0):
+            raise ValueError(f"comm model {spec!r}: use auto, measured, fixed:SEC or "
+                             "link:MBIT_PER_S[,LATENCY_S] (bandwidth > 0, latency >= 0)")
+        self.kind, self.params = kind, values
+
+    def for_compute(self, compute: ComputeModel) -> "CommModel":
+        """``auto`` made concrete for a compute model."""
+        if self.kind != "auto":
+            return self
+        return CommModel("measured" if compute.kind == "measured" else "fixed:0")
+
+    def seconds(self, measured_s: float, bytes_sent: int) -> float:
+        if self.kind in ("measured", "auto"):
+            return measured_s
+        if self.kind == "fixed":
+            return self.params[0]
+        latency_s = self.params[1] if len(self.params) > 1 else 0.0
+        return latency_s + bytes_sent * 8 / (self.params[0] * 1e6)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# ScaDLES on streaming CIFAR-10 (IID) with ResNet152: the paper's settings.
+# Every parameter can be overridden from the environment, e.g.
+#   BACKEND=gloo MODEL=resnet18 DATASET=fashion-mnist WORLD_SIZE=3 RATES=10,20,40 \
+#   MAX_STEPS=10 CLOCK=virtual LOG_DIR=/tmp/x bash execution_scripts/streamsim_resnet152.sh
+# Uses the embedded broker unless KAFKA_BOOTSTRAP is set; see common.sh for the rest.
+mode="${MODE:-scadles}"
+backend="${BACKEND:-mpi}"
+model="${MODEL:-resnet152}"
+dataset="${DATASET:-cifar10}"
+partition="${PARTITION:-iid}"
+world_size="${WORLD_SIZE:-10}"
+rates="${RATES:-S10}"                    # normal, mean 64, sd 24 samples/s per device
+seed="${SEED:-0}"
+lr="${LR:-0.4}"
+momentum="${MOMENTUM:-0.9}"
+weight_decay="${WEIGHT_DECAY:-1e-4}"
+gamma="${GAMMA:-0.1}"
+milestones="${MILESTONES:-75,150,225}"   # epochs of samples trained by the whole group
+policy="${POLICY:-persistence}"
+min_train_bsz="${MIN_TRAIN_BSZ:-8}"
+max_train_bsz="${MAX_TRAIN_BSZ:-64}"
+window_s="${WINDOW_S:-1.0}"
+clock="${CLOCK:-wall}"
+# Virtual clock: a modelled step time of a GPU-class device (0.1 s + 3 ms per sample), so the
+# replay does not depend on this machine and is deterministic; COMPUTE_MODEL=measured: real.
+compute_model="${COMPUTE_MODEL:-$([ "$clock" = virtual ] && echo linear:0.1,0.003 || echo measured)}"
+max_steps="${MAX_STEPS:-24000}"          # about 300 epochs of CIFAR-10 at 10 x 64 samples/s
+eval_steps="${EVAL_STEPS:-200}"
+eval_samples="${EVAL_SAMPLES:-2000}"     # 0: the whole test split
+checkpoint_every="${CHECKPOINT_EVERY:-1000}"
+source="${SOURCE:-kafka}"
+log_dir="${LOG_DIR:-}"
+
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+run_scadles "$@"

@@ -1,0 +1,227 @@
+"""Run logs: one JSON object per line per rank, ``run.json``, and the progress line.
+
+Only this module writes run logs. A run directory holds:
+
+- ``rank-<r>.jsonl``: one row per line. ``{"kind": "train", "step", "clock_s" (stream
+  seconds since the stream started), "local_bsz", "global_bsz", "lr", "wait_s",
+  "compute_s", "sync_s", "buffer_len", "dropped", "truncated", "loss", "bytes_sent",
+  "label_hist" (samples per label trained: {"label": count}), "seqs" (the device's own sequence numbers
+  trained, as inclusive [first, last] ranges), plus the exchanger's "compressed", "ratio",
+  "signal", "floats_sent", "compress_s" and, with injection, "injected", "injected_bytes"}``;
+  ``{"kind": "eval", "step", "clock_s", "samples", "loss", "top1", "top5"}`` (percent,
+  identical on every rank); ``{"kind": "resume", "step"}`` where a resumed run continued.
+- ``run.json``: the configuration, versions, git commit, the partition summary
+  (``"partition": {"labels_per_device": [[...]], "samples_per_device": [...]}``) and, at
+  the end, ``"summary"``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_JSON = "run.json"
+
+
+def rank_log_path(log_dir: str | Path, rank: int) -> Path:
+    return Path(log_dir) / f"rank-{rank}.jsonl"
+
+
+def seq_ranges(seqs) -> list[list[int]]:
+    """Sorted sequence numbers as inclusive ranges: [0, 1, 2, 5] -> [[0, 2], [5, 5]]."""
+    ranges: list[list[int]] = []
+    for s in sorted(int(s) for s in seqs):
+        if ranges and s == ranges[-1][1] + 1:
+            ranges[-1][1] = s
+        else:
+            ranges.append([s, s])
+    return ranges
+
+
+def expand_ranges(ranges) -> list[int]:
+    """The inverse of ``seq_ranges``."""
+    return [s for a, b in ranges for s in range(a, b + 1)]
+
+
+def read_rows(log_dir: str | Path, rank: int, kind: str | None = None) -> list[dict]:
+    """The rows of one rank's log (of one kind)."""
+    path = rank_log_path(log_dir, rank)
+    if not path.exists():
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RankLog:
+    """Rows of one rank, appended and flushed one line at a time (a crash loses nothing
+    written). ``resume_step``: drop rows of steps after the checkpoint the run resumes from
+    (they were rolled back), then mark where it continued."""
+
+    def __init__(self, log_dir: str | Path, rank: int, resume_step: int | None = None):
+        self.path = rank_log_path(log_dir, rank)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_rows(log_dir, rank) if r.get("step", 0) <= resume_step]
+            _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()  # a fresh run in an old directory starts a fresh log
+        self._file = open(self.path, "a")
+        if resume_step is not None:
+            self.write({"kind": "resume", "step": resume_step, "time": time.time()})
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row, default=_jsonable) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def _jsonable(x):
+    """numpy scalars and arrays, and anything else, as JSON."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+# --------------------------------------------------------------------------------------------
+# run.json
+# --------------------------------------------------------------------------------------------
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "torchvision", "numpy", "kafka-python", "mpi4py"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository, with ``+dirty`` when the tree has changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_json(log_dir: str | Path, config: dict, partition: dict, **extra) -> Path:
+    """Write ``run.json`` at the start of a run (atomically)."""
+    path = Path(log_dir) / RUN_JSON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"config": config, "versions": versions(), "git_commit": git_commit(),
+           "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "partition": partition, **extra}
+    _atomic_write_text(path, json.dumps(doc, indent=1, default=_jsonable) + "\n")
+    return path
+
+
+def read_run_json(log_dir: str | Path) -> dict:
+    path = Path(log_dir) / RUN_JSON
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def update_run_json(log_dir: str | Path, **fields) -> None:
+    """Merge ``fields`` into ``run.json`` (atomically)."""
+    doc = read_run_json(log_dir)
+    doc.update(fields)
+    _atomic_write_text(Path(log_dir) / RUN_JSON,
+                       json.dumps(doc, indent=1, default=_jsonable) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# What rank 0 shows
+# --------------------------------------------------------------------------------------------
+
+class Progress:
+    """A one-line progress display: redrawn in place on a terminal, else a line every
+    ``every_s`` seconds."""
+
+    def __init__(self, enabled: bool = True, max_steps: int = 0, every_s: float = 5.0,
+                 stream=None):
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.every_s = every_s
+        self._last = 0.0
+        self._width = 0
+
+    def update(self, step: int, stream_s: float, samples: int, loss: float | None,
+               top1: float | None, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not (self.tty or force or now - self._last >= self.every_s):
+            return
+        self._last = now
+        total = f"/{self.max_steps}" if self.max_steps else ""
+        line = (f"step {step}{total} | stream {stream_s:8.1f} s | samples {samples} | "
+                f"loss {'-' if loss is None else f'{loss:.4f}'} | "
+                f"top1 {'-' if top1 is None else f'{top1:.2f}%'}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self._width))
+            self._width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def note(self, message: str) -> None:
+        """A line of its own (ends the progress line first)."""
+        if not self.enabled:
+            return
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self._width = 0
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0
+
+
+def format_summary(summary: dict) -> str:
+    """The lines printed at the end of a run."""
+    def pct(x):
+        return "-" if x is None else f"{x:.2f}%"
+
+    return "\n".join([
+        "== run summary",
+        f"steps          {summary['steps']}",
+        f"stream time    {summary['stream_s']:.1f} s ({summary['samples']} samples trained)",
+        f"accuracy       final top1 {pct(summary['final_top1'])}, best top1 "
+        f"{pct(summary['best_top1'])}, final top5 {pct(summary.get('final_top5'))}",
+        f"bytes sent     {summary['bytes_sent_total']:,} (all ranks), CNC ratio "
+        f"{summary['cnc_ratio']}",
+        f"wall time      {summary['wall_s']:.1f} s",
+        f"logs           {summary['log_dir']}",
+    ])

@@ -1,0 +1,430 @@
+"""The training loop of one rank (``python -m scadles.train``, started by ``scadles.launch``).
+
+Each rank is one edge device: it consumes its own stream into a buffer and trains
+synchronously with the others. One loop, two modes:
+
+- ``scadles``: every ``--window-s`` of stream time a device trains on what its buffer holds
+  (b_i samples, between ``--min-train-bsz`` and ``--max-train-bsz``); the global batch
+  B = sum b_i; each device's mean gradient is weighted by b_i / B, so the update is the
+  gradient of the mean loss over all the samples trained; lr = base lr x B / --global-bsz.
+- ``ddp``: the baseline; every device waits for a fixed --train-bsz samples, equal weights
+  1 / W, base lr.
+
+Both: SGD with momentum and weight decay, the learning rate decaying by --gamma at
+--milestones epochs of samples trained by the whole group (the same on every rank).
+
+Time: on a virtual clock a step costs its compute time (measured or modelled) plus its sync
+time plus the wait for data; after each step every rank's clock moves to the group's
+latest, so in ddp mode the slowest stream sets the pace. Evaluation does not move stream time.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scadles import checkpoint, metrics
+from scadles.aggregate import multistep_factor, scaled_lr
+from scadles.buffer import InProcessSource, KafkaSource, StreamBuffer
+from scadles.clock import CommModel, ComputeModel, VirtualClock, WallClock
+from scadles.comm import make_comm, share_cpu_threads
+from scadles.compress import make_exchanger
+from scadles.config import Config, parse_args
+from scadles.models import build_model
+from streamsim.datasets import load_dataset
+from streamsim.record import VIRTUAL_EPOCH_S
+
+FAIL_EXIT = 17  # exit status of the --fail-at-step test hook
+EVAL_BATCH = 500
+
+
+# --------------------------------------------------------------------------------------------
+# Setup helpers
+# --------------------------------------------------------------------------------------------
+
+def agree_run_info(comm, cfg: Config) -> dict:
+    """Rank 0's topic prefix, stream start and run id, on every rank (ranks on other nodes
+    were started by another launcher)."""
+    info = {"topic_prefix": cfg.topic_prefix, "run_id": cfg.run_id,
+            "stream_start_s": cfg.stream_start_s}
+    if info["stream_start_s"] is None:
+        info["stream_start_s"] = VIRTUAL_EPOCH_S if cfg.clock == "virtual" else time.time()
+    data = json.dumps(info).encode() if comm.rank == 0 else b""
+    length = torch.tensor([len(data)], dtype=torch.int64, device=comm.device)
+    comm.broadcast_(length, src=0)
+    buf = torch.zeros(int(length.item()), dtype=torch.uint8, device=comm.device)
+    if comm.rank == 0:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    comm.broadcast_(buf, src=0)
+    return json.loads(bytes(buf.cpu().tolist()).decode())
+
+
+def device_streams(cfg: Config, train_set):
+    """Every device's stream, exactly as the producer builds it (for in-process sources)."""
+    from streamsim.partition import make_partition
+    from streamsim.schedule import make_schedules
+    from streamsim.stream import DeviceStream
+
+    part = make_partition(train_set.labels, cfg.world_size, cfg.partition, cfg.seed)
+    schedules = make_schedules(cfg.rates, cfg.world_size, cfg.seed, cfg.rate_schedule)
+    return [DeviceStream(train_set, part.indices[d], schedules[d], d, cfg.seed, cfg.arrivals)
+            for d in range(cfg.world_size)]
+
+
+def open_source(cfg: Config, info: dict, device: int, train_set, start, streams=None,
+                group: str | None = None):
+    """The source of device ``device``'s stream: its Kafka topic or the in-process twin."""
+    if cfg.source == "inprocess":
+        return InProcessSource(streams[device], train_set, info["stream_start_s"],
+                               cfg.duration_s, start=start if isinstance(start, int) else 0)
+    prefix = info["topic_prefix"]
+    return KafkaSource(cfg.bootstrap, f"{prefix}{device}",
+                       group or f"{prefix}trainer-{device}", device,
+                       num_classes=train_set.num_classes, sample_shape=train_set.sample_shape,
+                       start=start)
+
+
+def make_injector(cfg: Config, rank: int, info: dict, train_set, streams):
+    """The data injector (``scadles.inject``) of this device, or None when it is off."""
+    if cfg.alpha <= 0:
+        return None
+    from scadles import inject
+
+    factory = inject.sources_factory(cfg, rank, train_set, streams, info["stream_start_s"],
+                                     topic_prefix=info["topic_prefix"])
+    return inject.make_injector(cfg, rank, factory)
+
+
+def to_tensors(batch, mean: torch.Tensor, std: torch.Tensor, device: torch.device):
+    """uint8 images -> normalized float tensors on ``device``, and int64 labels."""
+    x = torch.from_numpy(batch.images).to(device, non_blocking=True).float().div_(255)
+    x = (x - mean) / std
+    y = torch.from_numpy(batch.labels).to(device, non_blocking=True)
+    return x, y
+
+
+def average_buffers_(model: torch.nn.Module, comm) -> None:
+    """Average the floating-point buffers (batch-norm running statistics) over the ranks.
+
+    Each rank's running statistics follow its own stream; the evaluated (and checkpointed)
+    model uses their average, identical on every rank. Training (batch statistics) is not
+    affected."""
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers or comm.world_size == 1:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    comm.allreduce_(flat, op="sum").div_(comm.world_size)
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+@torch.no_grad()
+def evaluate(model, comm, test_set, eval_idx: np.ndarray, mean, std, device) -> dict:
+    """Loss, top-1 and top-5 (percent) on ``eval_idx``, sharded over the ranks and summed."""
+    average_buffers_(model, comm)
+    model.eval()
+    mine = eval_idx[comm.rank::comm.world_size]
+    k = min(5, test_set.num_classes)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    for start in range(0, len(mine), EVAL_BATCH):
+        idx = mine[start:start + EVAL_BATCH]
+        x = torch.from_numpy(test_set.batch_pixels(idx)).to(device).float().div_(255)
+        x = (x - mean) / std
+        y = torch.from_numpy(test_set.labels[idx]).to(device)
+        logits = model(x)
+        topk = logits.topk(k, dim=1).indices
+        hits = topk.eq(y[:, None])
+        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                               hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                               torch.tensor(float(len(idx)), dtype=torch.float64,
+                                            device=device)])
+    comm.allreduce_(totals, op="sum")
+    loss, top1, top5, count = totals.tolist()
+    model.train()
+    count = max(count, 1.0)
+    return {"samples": int(count), "loss": loss / count, "top1": 100.0 * top1 / count,
+            "top5": 100.0 * top5 / count}
+
+
+def label_hist(labels: np.ndarray) -> dict[str, int]:
+    """Samples per label, as JSON keeps it: {"3": 12, "7": 4} (labels absent: not listed)."""
+    values, counts = np.unique(labels, return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(values, counts)}
+
+
+def agree(comm, values: list[float], op: str = "sum") -> list[float]:
+    """One small allreduce of a few numbers."""
+    t = torch.tensor(values, dtype=torch.float64, device=comm.device)
+    return comm.allreduce_(t, op=op).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+def train(cfg: Config, comm) -> dict:
+    wall_start = time.time()
+    rank, world_size, device = comm.rank, comm.world_size, comm.device
+    if world_size != cfg.world_size:
+        raise RuntimeError(f"rank {rank} sees a world of {world_size} rank(s) but --world-size "
+                           f"is {cfg.world_size}: start the ranks with python -m scadles.launch")
+    share_cpu_threads(comm)
+    info = agree_run_info(comm, cfg)
+    stream_start_s = info["stream_start_s"]
+    progress = metrics.Progress(enabled=rank == 0, max_steps=cfg.max_steps)
+
+    # Data: the training split for shapes and statistics (and in-process streams), the test
+    # split for evaluation.
+    train_set = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download, cfg.image_size,
+                             cfg.seed)
+    test_set = load_dataset(cfg.dataset, "test", cfg.data_dir, cfg.download, cfg.image_size,
+                            cfg.seed)
+    channels, height, _ = train_set.sample_shape
+    mean = torch.tensor(train_set.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(train_set.std, device=device).view(1, -1, 1, 1)
+    eval_rng = np.random.default_rng([cfg.seed, 0xE7A1])
+    eval_count = len(test_set) if cfg.eval_samples == 0 else min(cfg.eval_samples,
+                                                                   len(test_set))
+    eval_idx = np.sort(eval_rng.permutation(len(test_set))[:eval_count])
+    epoch_samples = len(train_set)
+
+    # Model, optimizer, gradient exchange: identical on every rank (same seed).
+    model = build_model(cfg.model_name, train_set.num_classes, channels, height,
+                        seed=cfg.seed).to(device)
+    torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout etc. differ across ranks
+    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for _, p in named_params:
+        p.grad = torch.zeros_like(p)  # an empty batch contributes zero gradients
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    exchanger = make_exchanger(comm, compression=cfg.compression,
+                               compression_ratio=cfg.compression_ratio,
+                               error_feedback=cfg.error_feedback,
+                               delta_threshold=cfg.delta_threshold,
+                               adaptive_signal=cfg.adaptive_signal, ewma_alpha=cfg.ewma_alpha,
+                               gradnorm_threshold=cfg.gradnorm_threshold,
+                               gradnorm_interval_steps=cfg.gradnorm_interval)
+    takes_epoch = "epoch" in inspect.signature(exchanger.exchange).parameters
+
+    # Time.
+    clock = VirtualClock(start_s=stream_start_s) if cfg.clock == "virtual" else WallClock()
+    compute_model = ComputeModel(cfg.compute_model)
+    comm_model = CommModel(cfg.comm_model).for_compute(compute_model)
+
+    # Where the run starts: from scratch, or from the latest checkpoint.
+    step, samples_global, best_top1, last_eval = 0, 0, None, None
+    last_step_s = stream_start_s
+    start_offset: str | int = "beginning"
+    rank_state = None
+    if cfg.resume:
+        shared, rank_state = checkpoint.load(cfg.log_dir, rank, map_location=device)
+        model.load_state_dict(shared["model"])
+        optimizer.load_state_dict(shared["optimizer"])
+        step, samples_global = shared["step"], shared["samples_global"]
+        best_top1, last_eval = shared["best_top1"], shared["last_eval"]
+        clock.advance_to(shared["clock_s"])
+        last_step_s = rank_state["last_step_s"]
+        start_offset = rank_state["offset"]
+        exchanger.load_state_dict(rank_state["exchanger"])
+        checkpoint.set_rng_state(rank_state["rng"])
+        progress.note(f"resuming at step {step} (stream time "
+                      f"{shared['clock_s'] - stream_start_s:.1f} s) from {cfg.log_dir}")
+    log = metrics.RankLog(cfg.log_dir, rank, resume_step=step if cfg.resume else None)
+
+    streams = device_streams(cfg, train_set) if cfg.source == "inprocess" else None
+    buffer = StreamBuffer(open_source(cfg, info, rank, train_set, start_offset, streams),
+                          cfg.policy, cfg.buffer_capacity, cfg.window_s)
+    injector = make_injector(cfg, rank, info, train_set, streams)
+    if injector is not None and rank_state is not None and "injector" in rank_state:
+        injector.load_state_dict(rank_state["injector"])
+
+    def run_eval() -> dict:
+        nonlocal best_top1, last_eval
+        result = evaluate(model, comm, test_set, eval_idx, mean, std, device)
+        last_eval = {"kind": "eval", "step": step,
+                     "clock_s": round(clock.now() - stream_start_s, 6), **result}
+        log.write(last_eval)
+        best_top1 = result["top1"] if best_top1 is None else max(best_top1, result["top1"])
+        progress.note(f"eval step {step}: loss {result['loss']:.4f}, top1 "
+                      f"{result['top1']:.2f}%, top5 {result['top5']:.2f}% "
+                      f"(stream {last_eval['clock_s']:.1f} s)")
+        return last_eval
+
+    def save_checkpoint() -> None:
+        average_buffers_(model, comm)  # every rank holds the buffers that are saved
+        shared = None
+        if rank == 0:
+            shared = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "step": step, "samples_global": samples_global,
+                      "clock_s": clock.now(), "best_top1": best_top1, "last_eval": last_eval,
+                      "config": cfg.to_dict()}
+        mine = {"offset": committed_offset, "last_step_s": last_step_s,
+                "rng": checkpoint.rng_state(), "exchanger": exchanger.state_dict()}
+        if injector is not None:
+            mine["injector"] = injector.state_dict()
+        checkpoint.save(cfg.log_dir, step, rank, mine, shared, comm.barrier)
+
+    loss_value = None
+    committed_offset = start_offset if isinstance(start_offset, int) else 0
+    stop_reason = "max steps"
+    while True:
+        # -- stop? Every rank decides on the same numbers (the group's clock).
+        stream_s = clock.now() - stream_start_s
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
+        if cfg.max_stream_s is not None and stream_s >= cfg.max_stream_s:
+            stop_reason = "max stream time"
+            break
+
+        # -- a batch from the stream (plus injected samples).
+        if cfg.mode == "scadles":
+            batch = buffer.next_window_batch(clock, cfg.min_train_bsz, cfg.max_train_bsz,
+                                             last_step_s)
+        else:
+            batch = buffer.next_fixed_batch(clock, cfg.train_bsz)
+        last_step_s = clock.now()
+        local_seqs = metrics.seq_ranges(batch.seqs)
+        local_count = len(batch)
+        inj = {}
+        if injector is not None:
+            batch, inj = injector.augment(batch, clock, step + 1)
+        local_bsz = len(batch)
+        weight_bsz = int(inj.get("weight_bsz", local_bsz))
+
+        # -- b_i -> B, and whether the streams have ended (one small allreduce).
+        t_sync = time.perf_counter()
+        ended = batch.ended and local_count == 0
+        short = cfg.mode == "ddp" and local_count < cfg.train_bsz
+        global_bsz, n_ended, n_short = (int(v) for v in agree(comm, [weight_bsz, ended, short]))
+        agree_s = time.perf_counter() - t_sync
+        if n_short or n_ended == world_size:
+            stop_reason = "streams ended"
+            break
+        if cfg.fail_at_step and step + 1 == cfg.fail_at_step and \
+                rank == (cfg.fail_rank if cfg.fail_rank >= 0 else world_size - 1):
+            print(f"rank {rank}: failing at step {step + 1} (--fail-at-step test hook)",
+                  file=sys.stderr, flush=True)
+            os._exit(FAIL_EXIT)
+        if global_bsz == 0:  # nobody has data yet (--min-train-bsz 0): let time pass
+            t_end = agree(comm, [clock.now()], op="max")[0]
+            clock.advance_to(t_end)
+            continue
+        step += 1
+
+        # -- forward / backward on the local batch (mean loss).
+        t_compute = time.perf_counter()
+        optimizer.zero_grad(set_to_none=False)
+        if local_bsz > 0:
+            model.train()
+            x, y = to_tensors(batch, mean, std, device)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            loss_value = loss.item()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        measured_compute_s = time.perf_counter() - t_compute
+
+        # -- weighted aggregation: every .grad becomes sum_i (b_i / B) g_i.
+        weight = weight_bsz / global_bsz if cfg.mode == "scadles" else 1.0 / world_size
+        t_exchange = time.perf_counter()
+        extra = {"epoch": samples_global // epoch_samples} if takes_epoch else {}
+        exchange = exchanger.exchange(named_params, weight, step, **extra)
+        measured_sync_s = time.perf_counter() - t_exchange + agree_s
+
+        # -- learning rate: linear scaling (scadles) and the group's MultiStep schedule.
+        factor = multistep_factor(samples_global, epoch_samples, cfg.milestones, cfg.gamma)
+        lr = (scaled_lr(cfg.lr, global_bsz, cfg.global_bsz) if cfg.mode == "scadles"
+              else cfg.lr) * factor
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        samples_global += global_bsz
+        committed_offset = buffer.commit_used()
+
+        # -- time: this step's compute and sync, then the group's latest clock.
+        compute_s = compute_model.seconds(measured_compute_s, local_bsz, rank)
+        sync_s = comm_model.seconds(measured_sync_s, exchange["bytes_sent"])
+        clock.advance(compute_s + sync_s)
+        t_end = agree(comm, [clock.now()], op="max")[0]
+        clock.advance_to(t_end)
+        stream_s = t_end - stream_start_s
+
+        row = {"kind": "train", "step": step, "clock_s": round(stream_s, 6), "local_bsz": local_bsz,
+               "global_bsz": global_bsz, "weight": weight, "lr": lr, "wait_s": batch.wait_s,
+               "compute_s": compute_s, "sync_s": sync_s, "buffer_len": batch.buffer_len,
+               "dropped": batch.dropped, "truncated": batch.truncated,
+               "loss": loss_value if local_bsz > 0 else None,
+               "label_hist": label_hist(batch.labels),
+               "seqs": local_seqs, **exchange,
+               **{k: v for k, v in inj.items() if k != "weight_bsz"}}
+        log.write(row)
+        progress.update(step, stream_s, samples_global, loss_value,
+                        None if last_eval is None else last_eval["top1"])
+
+        if cfg.eval_steps and step % cfg.eval_steps == 0:
+            run_eval()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_checkpoint()
+
+    # -- the end: a last evaluation, the summary, a clean close.
+    if last_eval is None or last_eval["step"] != step:
+        run_eval()
+    progress.close()
+    ex_summary = exchanger.summary()
+    bytes_sent_total = int(agree(comm, [ex_summary.get("bytes_sent_total", 0)])[0])
+    cnc = ex_summary.get("cnc_ratio")
+    if cnc is None and ex_summary.get("dense_steps"):
+        cnc = ex_summary.get("compressed_steps", 0) / ex_summary["dense_steps"]
+    summary = {"steps": step, "stream_s": clock.now() - stream_start_s,
+               "samples": samples_global, "stop_reason": stop_reason,
+               "final_top1": last_eval["top1"], "final_top5": last_eval["top5"],
+               "best_top1": best_top1, "bytes_sent_total": bytes_sent_total,
+               "cnc_ratio": cnc, "wall_s": time.time() - wall_start, "log_dir": cfg.log_dir,
+               "buffer": buffer.stats()}
+    if injector is not None:
+        summary["injection"] = injector.summary()
+        injector.close()
+    if rank == 0:
+        metrics.update_run_json(cfg.log_dir, summary=summary, exchanger=ex_summary)
+        print(metrics.format_summary(summary), flush=True)
+    buffer.close()
+    log.close()
+    return summary
+
+
+def exit_now(code: int, backend: str) -> None:
+    """Exit without the interpreter's teardown of torch (seconds on a loaded machine):
+    everything was closed and flushed already; MPI is finalized first."""
+    if backend == "mpi":
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None, exit_fast: bool = False) -> int:
+    cfg = parse_args(argv, prog="python -m scadles.train")
+    comm = make_comm(cfg.backend)
+    try:
+        train(cfg, comm)
+    finally:
+        comm.close()
+    if exit_fast:
+        exit_now(0, cfg.backend)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(exit_fast=True))

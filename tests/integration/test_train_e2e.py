@@ -1,0 +1,182 @@
+"""End-to-end runs of the trainer through the launcher: real broker, real ranks, both modes.
+
+Small on purpose (smallcnn, Fashion-MNIST, 2-4 ranks, a handful of steps): each run is a
+few seconds of training plus process start-up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scadles.metrics import expand_ranges, read_rows
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 240
+
+# A deterministic virtual-time run: modelled compute, dense exchange.
+VIRTUAL = ["--model-name", "smallcnn", "--dataset", "fashion-mnist", "--backend", "gloo",
+           "--clock", "virtual", "--compute-model", "linear:0.05,0.002", "--eval-steps", "5",
+           "--eval-samples", "300", "--seed", "3"]
+
+
+def launch(args: list[str], env: dict, check: bool = True,
+           timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "scadles.launch", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def train_rows(log_dir: Path, world_size: int) -> list[list[dict]]:
+    return [read_rows(log_dir, r, "train") for r in range(world_size)]
+
+
+def comparable(rows: list[dict]) -> list[tuple]:
+    """What must be bit-identical between two runs of the same seed."""
+    return [(r["step"], r["clock_s"], r["local_bsz"], r["global_bsz"], r["lr"], r["loss"],
+             json.dumps(r["seqs"]), json.dumps(r["label_hist"])) for r in rows]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env() -> dict:
+    """The repository on PYTHONPATH, the venv first on PATH, no run settings inherited."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KAFKA_BOOTSTRAP", "HOSTS", "NNODES", "NODE_RANK", "MASTER_ADDR",
+                        "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@pytest.fixture
+def env():
+    return clean_env()
+
+
+@pytest.fixture(scope="module")
+def reference_run(broker, tmp_path_factory):
+    """scadles, 3 gloo ranks at 10/20/40 samples/s, virtual time, through the real broker."""
+    log_dir = tmp_path_factory.mktemp("reference")
+    env = clean_env()
+    launch([*VIRTUAL, "--world-size", "3", "--rates", "10,20,40", "--max-steps", "10",
+            "--bootstrap", broker, "--log-dir", str(log_dir)], env)
+    return log_dir
+
+
+def test_scadles_virtual_batches_follow_rates(reference_run):
+    rows = train_rows(reference_run, 3)
+    rates = [10, 20, 40]
+    assert [len(r) for r in rows] == [10, 10, 10]
+    for step_rows in zip(*rows):
+        local = [r["local_bsz"] for r in step_rows]
+        global_bsz = step_rows[0]["global_bsz"]
+        assert all(r["global_bsz"] == global_bsz for r in step_rows)
+        assert sum(local) == global_bsz
+        # One window of stream: local batch ~ rate x 1 s (the first window includes t=0).
+        for b, rate in zip(local, rates):
+            assert abs(b - rate * 1.0) <= 2, local
+        assert step_rows[0]["lr"] == pytest.approx(0.1 * global_bsz / (64 * 3))
+        assert len({r["lr"] for r in step_rows}) == 1
+        assert len({r["clock_s"] for r in step_rows}) == 1  # one group clock
+    evals = [read_rows(reference_run, r, "eval") for r in range(3)]
+    assert [e["step"] for e in evals[0]] == [5, 10]
+    assert evals[0] == evals[1] == evals[2]  # sharded, summed: the same on every rank
+    run = json.loads((reference_run / "run.json").read_text())
+    assert run["partition"]["samples_per_device"] == [20000] * 3
+    assert run["summary"]["steps"] == 10 and run["summary"]["final_top1"] is not None
+    assert run["config"]["world_size"] == 3 and run["versions"]["torch"]
+
+
+def test_resume_after_a_killed_rank(reference_run, broker, env, tmp_path):
+    """Kill rank 2 at step 8 (checkpoint at step 6), resume: every sample trained exactly
+    once, and all 10 steps (6 from the killed run, 4 resumed) are bit-identical to the
+    reference run: virtual runs with a modelled compute time are deterministic per seed."""
+    args = [*VIRTUAL, "--world-size", "3", "--rates", "10,20,40", "--max-steps", "10",
+            "--bootstrap", broker, "--log-dir", str(tmp_path), "--checkpoint-every", "3"]
+    failed = launch(args + ["--fail-at-step", "8"], env, check=False)
+    assert failed.returncode != 0
+    assert "failed" in failed.stdout
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    launch(args + ["--resume"], env)
+    for rank, (rows, ref) in enumerate(zip(train_rows(tmp_path, 3),
+                                          train_rows(reference_run, 3))):
+        assert [r["step"] for r in rows] == list(range(1, 11))
+        seqs = [s for r in rows for s in expand_ranges(r["seqs"])]
+        assert seqs == list(range(len(seqs))), f"rank {rank}: a sample lost or repeated"
+        assert comparable(rows) == comparable(ref)
+        assert [r["kind"] for r in read_rows(tmp_path, rank)].count("resume") == 1
+
+
+@pytest.mark.parametrize("mode", ["scadles", "ddp"])
+def test_wall_clock_through_the_broker(mode, broker, env, tmp_path):
+    """Real time, real streams: scadles with the launcher's own embedded broker, ddp on the
+    shared one. ddp trains a fixed batch on every rank with the base learning rate."""
+    args = ["--mode", mode, "--world-size", "2", "--rates", "40,80", "--clock", "wall",
+            "--max-steps", "4", "--eval-steps", "0", "--eval-samples", "200",
+            "--train-bsz", "16", "--log-dir", str(tmp_path)]
+    if mode == "ddp":
+        args += ["--bootstrap", broker]
+    proc = launch(args, env)
+    if mode == "scadles":
+        assert "embedded broker" in proc.stdout
+    rows = train_rows(tmp_path, 2)
+    assert [len(r) for r in rows] == [4, 4]
+    for a, b in zip(*rows):
+        assert a["global_bsz"] == b["global_bsz"] == a["local_bsz"] + b["local_bsz"]
+        if mode == "ddp":
+            assert a["local_bsz"] == b["local_bsz"] == 16 and a["lr"] == 0.1
+    clock = [r["clock_s"] for r in rows[0]]
+    assert clock == sorted(clock) and clock[0] > 0
+    assert "run summary" in proc.stdout
+
+
+def test_mpi_ddp_slowest_stream_sets_the_pace(broker, env, tmp_path):
+    """mpiexec through the launcher: one world of 3 ranks; in ddp mode every step waits for
+    the slowest stream (8 samples/s -> 16 samples every 2 s)."""
+    launch([*VIRTUAL, "--backend", "mpi", "--mode", "ddp", "--train-bsz", "16",
+            "--world-size", "3", "--rates", "8,32,64", "--max-steps", "4",
+            "--bootstrap", broker, "--log-dir", str(tmp_path)], env)
+    rows = train_rows(tmp_path, 3)
+    assert [len(r) for r in rows] == [4, 4, 4]
+    for step_rows in zip(*rows):
+        assert [r["global_bsz"] for r in step_rows] == [48] * 3  # the world is 3 ranks
+    clock = [r["clock_s"] for r in rows[2]]
+    gaps = [b - a for a, b in zip(clock, clock[1:])]
+    assert all(g == pytest.approx(2.0, abs=0.2) for g in gaps), clock
+    assert rows[2][1]["wait_s"] == pytest.approx(0.0, abs=0.05)  # the fast one never waits
+    assert rows[0][1]["wait_s"] > 1.5  # the slow one always does
+
+
+def test_two_nodes_on_loopback_form_one_group(broker, env, tmp_path):
+    """Two launchers (NNODES=2, NODE_RANK=0/1) with an external broker: one group of 4."""
+    node_env = dict(env, NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                    KAFKA_BOOTSTRAP=broker)
+    args = [*VIRTUAL, "--world-size", "4", "--rates", "10,20,30,40", "--max-steps", "3",
+            "--topic-prefix", f"twonode-{os.getpid()}-{tmp_path.name}-"]
+    procs = [subprocess.Popen([sys.executable, "-m", "scadles.launch", *args, "--log-dir",
+                               str(tmp_path / f"node{n}")], env=dict(node_env, NODE_RANK=str(n)),
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+             for n in (0, 1)]
+    outputs = [p.communicate(timeout=RUN_TIMEOUT_S)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    rows = [read_rows(tmp_path / f"node{r // 2}", r, "train") for r in range(4)]
+    assert [len(r) for r in rows] == [3] * 4
+    for step_rows in zip(*rows):
+        local = [r["local_bsz"] for r in step_rows]
+        assert all(r["global_bsz"] == sum(local) for r in step_rows)
+        assert abs(local[3] - 40) <= 2 and abs(local[0] - 10) <= 2
+    assert (tmp_path / "node0" / "run.json").exists()
+    assert not (tmp_path / "node1" / "run.json").exists()  # node 0 owns the run

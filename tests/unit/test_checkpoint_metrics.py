@@ -1,0 +1,75 @@
+"""Run logs and checkpoints, without processes: ranges, resume truncation, atomic latest."""
+from __future__ import annotations
+
+import io
+import json
+
+import torch
+
+from scadles import checkpoint, metrics
+
+
+def test_seq_ranges_round_trip():
+    seqs = [5, 0, 1, 2, 7, 8, 10]
+    ranges = metrics.seq_ranges(seqs)
+    assert ranges == [[0, 2], [5, 5], [7, 8], [10, 10]]
+    assert metrics.expand_ranges(ranges) == sorted(seqs)
+    assert metrics.seq_ranges([]) == []
+
+
+def test_rank_log_resume_drops_rolled_back_rows(tmp_path):
+    log = metrics.RankLog(tmp_path, 1)
+    for step in range(1, 6):
+        log.write({"kind": "train", "step": step})
+    log.write({"kind": "eval", "step": 5})
+    log.close()
+    resumed = metrics.RankLog(tmp_path, 1, resume_step=3)
+    resumed.write({"kind": "train", "step": 4})
+    resumed.close()
+    rows = metrics.read_rows(tmp_path, 1)
+    assert [(r["kind"], r["step"]) for r in rows] == [
+        ("train", 1), ("train", 2), ("train", 3), ("resume", 3), ("train", 4)]
+    fresh = metrics.RankLog(tmp_path, 1)  # a new run in the same folder starts afresh
+    fresh.close()
+    assert metrics.read_rows(tmp_path, 1) == []
+
+
+def test_run_json_written_then_summarized(tmp_path):
+    metrics.write_run_json(tmp_path, {"world_size": 2}, {"labels_per_device": [[0], [1]],
+                                                         "samples_per_device": [3, 4]})
+    metrics.update_run_json(tmp_path, summary={"steps": 7})
+    doc = json.loads((tmp_path / "run.json").read_text())
+    assert doc["config"] == {"world_size": 2}
+    assert doc["partition"]["samples_per_device"] == [3, 4]
+    assert doc["summary"] == {"steps": 7}
+    assert doc["versions"]["python"] and "torch" in doc["versions"]
+
+
+def test_progress_lines_without_a_terminal():
+    out = io.StringIO()
+    progress = metrics.Progress(enabled=True, max_steps=10, every_s=3600, stream=out)
+    progress.update(1, 1.0, 64, 2.3, None)
+    progress.update(2, 2.0, 128, 2.2, None)  # within every_s: not shown
+    progress.note("eval step 2")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("step 1/10") and "loss 2.3000" in lines[0]
+    assert lines[1:] == ["eval step 2"]
+
+
+def test_checkpoint_latest_is_always_complete(tmp_path):
+    assert checkpoint.latest(tmp_path) is None
+    for step in (3, 6, 9):
+        for rank in (1, 0):  # rank 0 last: it publishes
+            checkpoint.save(tmp_path, step, rank, {"offset": 10 * step + rank},
+                            {"step": step, "w": torch.ones(2) * step} if rank == 0 else None,
+                            barrier=lambda: None)
+    assert checkpoint.latest(tmp_path).name == "step-00000009"
+    shared, mine = checkpoint.load(tmp_path, 1)
+    assert shared["step"] == 9 and torch.equal(shared["w"], torch.full((2,), 9.0))
+    assert mine == {"offset": 91}
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000006", "step-00000009"]
+    # A checkpoint being written (no shared.pt yet) is never the latest.
+    checkpoint.atomic_save({"offset": 1}, checkpoint.step_dir(tmp_path, 12) / "rank-1.pt")
+    assert checkpoint.latest(tmp_path).name == "step-00000009"
+    assert not list((tmp_path / "checkpoints").rglob("*.tmp"))
