@@ -1,0 +1,173 @@
+"""Pure logic of aggregation: LR scaling, the group-wide LR schedule, flat buffers, buckets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scadles.aggregate import (DenseExchanger, aggregation_weight, flatten_grads, global_batch,
+                               make_buckets, multistep_factor, scaled_lr, unflatten_into)
+
+
+class FakeGroup:
+    """Stands in for a Comm: a sum-allreduce adds what the other (simulated) ranks hold."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, others: list[float] | None = None):
+        self.others = others or []
+
+    def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        assert op == "sum"
+        tensor += sum(self.others)
+        return tensor
+
+
+def test_scaled_lr_is_linear_in_global_batch():
+    assert scaled_lr(0.1, 64, 64) == pytest.approx(0.1)
+    assert scaled_lr(0.1, 128, 64) == pytest.approx(0.2)
+    assert scaled_lr(0.4, 70, 640) == pytest.approx(0.04375)
+    assert scaled_lr(0.1, 0, 64) == 0.0
+    with pytest.raises(ValueError, match="reference global batch"):
+        scaled_lr(0.1, 64, 0)
+    with pytest.raises(ValueError, match="global batch size"):
+        scaled_lr(0.1, -1, 64)
+
+
+def test_multistep_factor_counts_epochs_of_group_samples():
+    kw = dict(epoch_samples=1000, milestones_epochs=[2, 4], gamma=0.1)
+    assert multistep_factor(0, **kw) == 1.0
+    assert multistep_factor(1999, **kw) == 1.0
+    assert multistep_factor(2000, **kw) == pytest.approx(0.1)
+    assert multistep_factor(3999, **kw) == pytest.approx(0.1)
+    assert multistep_factor(4000, **kw) == pytest.approx(0.01)
+    assert multistep_factor(10**9, **kw) == pytest.approx(0.01)
+    assert multistep_factor(500, 1000, [0.5], 0.2) == pytest.approx(0.2)
+    assert multistep_factor(500, 1000, [], 0.2) == 1.0
+    with pytest.raises(ValueError, match="epoch_samples"):
+        multistep_factor(0, 0, [1], 0.1)
+    with pytest.raises(ValueError, match="gamma"):
+        multistep_factor(0, 10, [1], 0.0)
+
+
+def test_global_batch_sums_local_batches():
+    assert global_batch(FakeGroup([7, 0, 20]), 5) == 32
+    with pytest.raises(ValueError):
+        global_batch(FakeGroup(), -1)
+
+
+def test_aggregation_weight():
+    assert aggregation_weight(16, 64) == 0.25
+    assert aggregation_weight(0, 64) == 0.0
+    assert aggregation_weight(0, 0) == 0.0
+    assert sum(aggregation_weight(b, 37) for b in (5, 0, 32)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="does not fit"):
+        aggregation_weight(65, 64)
+
+
+def test_lr_schedule_is_identical_on_all_ranks_with_unequal_batches():
+    """Three ranks whose streams give different batch sizes every step agree on the LR at
+    every step, and the decay comes when the group (not any one rank) has seen 2 epochs."""
+    gen = torch.Generator().manual_seed(0)
+    rates = [10, 20, 40]
+    epoch_samples, base_lr, ref_bsz = 600, 0.4, 3 * 16
+    seen_global = [0, 0, 0]
+    decay_step = None
+    for step in range(60):
+        local = [int(r + torch.randint(-5, 6, (1,), generator=gen)) for r in rates]
+        lrs = []
+        for rank in range(3):
+            others = local[:rank] + local[rank + 1:]
+            bsz = global_batch(FakeGroup(others), local[rank])
+            assert bsz == sum(local)
+            factor = multistep_factor(seen_global[rank], epoch_samples, [2], gamma=0.1)
+            lrs.append(scaled_lr(base_lr, bsz, ref_bsz) * factor)
+            seen_global[rank] += bsz
+        assert lrs[0] == lrs[1] == lrs[2]
+        if decay_step is None and multistep_factor(seen_global[0], epoch_samples, [2], 0.1) < 1:
+            decay_step = step
+    assert len(set(seen_global)) == 1
+    assert decay_step is not None and seen_global[0] >= 2 * epoch_samples
+
+
+def _params_with_grads() -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 3), (5,), (2, 2, 3), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    for i, p in enumerate(params):
+        p.grad = None if i == 2 else torch.randn(p.shape, generator=gen)
+    return params
+
+
+def test_flatten_unflatten_round_trip_with_missing_grad_as_zeros():
+    params = _params_with_grads()
+    flat, layout = flatten_grads(params)
+    assert flat.shape == (12 + 5 + 12 + 1,) and flat.dtype == torch.float32
+    assert [(s.offset, s.numel, tuple(s.shape)) for s in layout] == [
+        (0, 12, (4, 3)), (12, 5, (5,)), (17, 12, (2, 2, 3)), (29, 1, (1,))]
+    torch.testing.assert_close(flat[17:29], torch.zeros(12), rtol=0, atol=0)
+
+    fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    unflatten_into(flat, fresh)
+    for p, q in zip(params, fresh):
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert q.grad.shape == p.shape and q.grad.dtype == p.dtype
+        torch.testing.assert_close(q.grad, expected, rtol=0, atol=0)
+    # Writing into existing grads keeps the tensors (optimizers may hold them).
+    before = [q.grad for q in fresh]
+    unflatten_into(flat * 2, fresh)
+    assert all(a is q.grad for a, q in zip(before, fresh))
+    torch.testing.assert_close(fresh[0].grad, 2 * params[0].grad, rtol=0, atol=0)
+
+
+def test_flat_buffer_errors():
+    params = _params_with_grads()
+    with pytest.raises(ValueError, match="does not match"):
+        unflatten_into(torch.zeros(3), params)
+    with pytest.raises(ValueError, match="one dtype"):
+        flatten_grads([torch.nn.Parameter(torch.zeros(2)),
+                       torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))])
+    with pytest.raises(ValueError, match="at least one"):
+        flatten_grads([])
+
+
+def test_buckets_respect_cap_and_dtype():
+    mb = 1024 * 1024
+    params = [torch.zeros(mb // 4), torch.zeros(mb // 4), torch.zeros(3 * mb // 4),
+              torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)]
+    assert make_buckets(params, bucket_cap_mb=2) == [[0, 1], [2], [3, 4]]
+    assert make_buckets(params, bucket_cap_mb=0.5) == [[0], [1], [2], [3, 4]]
+    with pytest.raises(ValueError, match="bucket_cap_mb"):
+        make_buckets(params, 0)
+
+
+def test_dense_exchanger_applies_weight_and_reports_stats():
+    params = _params_with_grads()
+    expected = [0.25 * (p.grad if p.grad is not None else torch.zeros_like(p)) for p in params]
+    exchanger = DenseExchanger(FakeGroup(), bucket_cap_mb=25)
+    stats = exchanger.exchange([(f"p{i}", p) for i, p in enumerate(params)], weight=0.25, step=0)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=0, atol=0)
+    assert stats == {"compressed": False, "ratio": 1.0, "signal": None, "bytes_sent": 4 * 30,
+                     "floats_sent": 30, "compress_s": 0.0}
+    exchanger.exchange([(f"p{i}", p) for i, p in enumerate(params)], weight=1.0, step=1)
+    assert exchanger.summary() == {"steps": 2, "compressed_steps": 0, "dense_steps": 2,
+                                   "bytes_sent_total": 240, "floats_sent_total": 60}
+    assert exchanger.state_dict() == {}
+    exchanger.load_state_dict({})
+
+
+def test_grad_buckets_are_reused_and_fill_missing_grads():
+    params = _params_with_grads()
+    exchanger = DenseExchanger(FakeGroup(), bucket_cap_mb=48 / 2**20)  # 12 floats a bucket
+    named = [(f"p{i}", p) for i, p in enumerate(params)]
+    exchanger.exchange(named, weight=1.0, step=0)
+    buffers = exchanger._buckets.buffers
+    assert [b.numel() for b in buffers] == [12, 5, 12, 1]
+    torch.testing.assert_close(params[2].grad, torch.zeros(2, 2, 3), rtol=0, atol=0)
+    params[2].grad = None  # an empty batch on the next step
+    exchanger.exchange(named, weight=3.0, step=1)
+    assert all(a is b for a, b in zip(buffers, exchanger._buckets.buffers))
+    torch.testing.assert_close(params[2].grad, torch.zeros(2, 2, 3), rtol=0, atol=0)
+    # A different parameter list gets its own buffers.
+    exchanger.exchange(named[:2], weight=1.0, step=2)
+    assert len(exchanger._buckets) == 2
