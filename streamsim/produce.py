@@ -1,0 +1,665 @@
+"""Paced producers: every device's stream onto its own Kafka topic, realtime or virtual.
+
+One record per sample (``streamsim.record.encode``) on topic ``<prefix><device>``; the record
+timestamp is the sample's event time, ``start_time_s + offset_s`` (realtime: wall time at
+start or ``--start-time``; virtual: ``record.VIRTUAL_EPOCH_S``). The offsets come from each
+device's ``DeviceStream``; all devices' items are merged by event time and sent when due.
+
+Pacing is by deadline: ``realtime`` sleeps until the next item's event time, then sends
+everything due (never a sleep per message, so no drift however long it runs; at most one
+wake-up per ``PACE_QUANTUM_S``, so a record leaves at most 2 ms late, never early); ``virtual``
+sends as fast as the broker takes it, identical content for the same seed. When done (or on
+SIGINT/SIGTERM) it flushes and writes an end-of-stream marker with the count sent on every
+topic. ``--workers K`` splits the devices over K processes for high aggregate rates.
+
+    python -m streamsim.produce --bootstrap 127.0.0.1:9092 --dataset fashion-mnist \\
+        --partition iid --world-size 4 --rates "92 22 62 42" --duration 60 \\
+        --pace realtime --seed 0
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import multiprocessing as mp
+import os
+import queue as queue_lib
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from streamsim import record
+
+PACES = ("realtime", "virtual")
+DEFAULT_TOPIC_PREFIX = "trainer-"
+PRODUCER_CONFIG = {
+    "acks": 1,
+    "enable_idempotence": False,  # needs acks=all; order is kept by one request in flight
+    "max_in_flight_requests_per_connection": 1,  # a retried batch never overtakes a later one
+    "retries": 3,
+    "linger_ms": 5,  # small: realtime records reach consumers within ~5 ms
+    "batch_size": 1 << 20,
+    "max_request_size": 8 << 20,
+    "compression_type": None,
+    "allow_auto_create_topics": False,
+}
+# Aggregate bytes/s one producer process sustains comfortably on a shared 2-core machine
+# (measured ~57,000 x 3 KB records/s flat out); above it --workers defaults to 2 or more.
+WORKER_BYTES_PER_S = 24e6
+# realtime: the producer wakes at most once per quantum and sends everything due, so a
+# record leaves at most this late (and never early); far fewer wake-ups at high rates.
+PACE_QUANTUM_S = 0.002
+# Unacknowledged bytes one producer holds before it waits for the broker (kafka-python 3 has
+# no buffer_memory bound: a virtual stream would otherwise queue without limit).
+MAX_PENDING_BYTES = 64 << 20
+_LAG_BINS_MS = 1000  # send-lag histogram: 1 ms bins, the last one holds everything later
+
+
+@dataclass
+class _DeviceTally:
+    device: int
+    topic: str
+    target_rate_per_s: float
+    count: int = 0
+    failed: int = 0
+    last_offset_s: float | None = None
+    eos_count: int | None = None
+    eos_failed: bool = False
+
+
+@dataclass
+class _RunResult:
+    devices: list[_DeviceTally]
+    stream_s: float  # stream time covered
+    elapsed_s: float  # wall time from the first send to the last flush
+    interrupted: bool
+    lag_hist: list[int] = field(default_factory=lambda: [0] * _LAG_BINS_MS)
+    max_lag_s: float = 0.0
+
+
+def event_ms(start_ms: float, offset_s: float) -> int:
+    """Kafka timestamp of an item: its event time in whole ms, rounded down (a record never
+    claims a later time than its schedule; 1e-6 ms absorbs float error in k / rate)."""
+    return math.floor(start_ms + offset_s * 1000.0 + 1e-6)
+
+
+def topic_name(prefix: str, device: int) -> str:
+    """The topic of ``device``'s stream."""
+    return f"{prefix}{device}"
+
+
+def default_workers(streams: Sequence, duration_s: float, sample_bytes: int) -> int:
+    """Producer processes for this load: 1 unless the aggregate byte rate needs more."""
+    rate_per_s = sum(s.schedule.expected_count(0.0, duration_s) for s in streams) / duration_s
+    need = math.ceil(rate_per_s * (sample_bytes + record.HEADER_BYTES) / WORKER_BYTES_PER_S)
+    return max(1, min(need, os.cpu_count() or 1, 4, len(streams)))
+
+
+def _merged_items(streams: Sequence, duration_s: float) -> Iterator[tuple[float, int, int, int]]:
+    """All devices' ``(offset_s, slot, seq, dataset_index)`` in event-time order."""
+    def items(slot, stream):
+        for seq, offset_s, index in stream.until(duration_s):
+            yield offset_s, slot, seq, index
+
+    return heapq.merge(*(items(slot, s) for slot, s in enumerate(streams)))
+
+
+def _make_producer(bootstrap: str, producer_config: dict | None):
+    from kafka import KafkaProducer
+
+    from streamsim.broker import _quiet_kafka_logs
+
+    config = {**PRODUCER_CONFIG, **(producer_config or {})}
+    with _quiet_kafka_logs():
+        return KafkaProducer(bootstrap_servers=bootstrap, bootstrap_timeout_ms=10_000,
+                             **config)
+
+
+def _run_streams(producer, streams: Sequence, dataset, duration_s: float, pace: str,
+                 topic_prefix: str, start_time_s: float, eos: bool,
+                 should_stop: Callable[[], bool],
+                 on_tick: Callable[[list[_DeviceTally], float], None] | None,
+                 tick_s: float = 1.0, quantum_s: float | None = None) -> _RunResult:
+    """Send every stream's items in [0, duration_s) when due; flush; write EOS markers."""
+    tallies = [_DeviceTally(s.device, topic_name(topic_prefix, s.device),
+                            s.schedule.expected_count(0.0, duration_s) / duration_s)
+               for s in streams]
+    lag_hist = [0] * _LAG_BINS_MS
+    max_lag_s = 0.0
+    realtime = pace == "realtime"
+    quantum_s = PACE_QUANTUM_S if quantum_s is None else quantum_s
+    # deadlines on the monotonic clock: immune to wall-clock steps while we run
+    mono_minus_wall = time.monotonic() - time.time()
+    start_mono = start_time_s + mono_minus_wall
+    run_t0 = time.monotonic()
+    next_tick = run_t0 + tick_s
+    last_wake = -math.inf
+    interrupted = False
+    send = producer.send
+    pixels = dataset.pixels
+    labels = dataset.labels
+    encode = record.encode
+    start_ms = start_time_s * 1000.0
+
+    def eos_failed(slot, _exc):
+        tallies[slot].eos_failed = True
+
+    stream_s = duration_s
+    pending: list = []  # (slot, future) not yet known to have succeeded
+    max_pending = max(1000, MAX_PENDING_BYTES
+                      // (record.HEADER_BYTES + int(np.prod(dataset.sample_shape))))
+    for offset_s, slot, seq, index in _merged_items(streams, duration_s):
+        now = time.monotonic()
+        if realtime:
+            deadline = start_mono + offset_s
+            if now < deadline:
+                # wake at most once per quantum, then send everything due: fewer wake-ups
+                # (ours and the client's I/O thread's), never an early record
+                wake = max(deadline, last_wake + quantum_s)
+                while now < wake:  # sleep in slices so a signal stops us promptly
+                    if should_stop():
+                        break
+                    time.sleep(min(wake - now, 0.1))
+                    now = time.monotonic()
+                last_wake = now
+            lag_s = now - deadline
+            if lag_s > max_lag_s:
+                max_lag_s = lag_s
+            lag_hist[min(int(lag_s * 1000.0), _LAG_BINS_MS - 1) if lag_s > 0 else 0] += 1
+        if now >= next_tick:
+            next_tick = now + tick_s
+            pending = _count_failures(pending, tallies)
+            if on_tick is not None:
+                on_tick(tallies, now - run_t0)
+        if should_stop():
+            interrupted = True
+            stream_s = offset_s if not realtime else max(0.0, min(duration_s,
+                                                                  now - start_mono))
+            break
+        tally = tallies[slot]
+        value = encode(streams[slot].device, seq, int(labels[index]), pixels(index))
+        pending.append((slot, send(tally.topic, value, partition=0,
+                                   timestamp_ms=event_ms(start_ms, offset_s))))
+        tally.count += 1
+        if len(pending) >= max_pending:
+            pending = _wait_pending(pending, tallies, max_pending // 2)
+        tally.last_offset_s = offset_s
+    else:
+        if realtime and not should_stop():  # the stream lasts until duration_s, not its last item
+            end_mono = start_mono + duration_s
+            while time.monotonic() < end_mono and not should_stop():
+                time.sleep(min(end_mono - time.monotonic(), 0.1))
+            if should_stop() and time.monotonic() < end_mono:
+                interrupted = True
+                stream_s = max(0.0, time.monotonic() - start_mono)
+    producer.flush()
+    _count_failures(pending, tallies)
+    if eos:
+        end_ms = event_ms(start_ms, stream_s)
+        for slot, tally in enumerate(tallies):
+            last_ms = (event_ms(start_ms, tally.last_offset_s)
+                       if tally.last_offset_s is not None else end_ms)
+            tally.eos_count = tally.count - tally.failed
+            send(tally.topic, record.encode_eos(tally.device, tally.eos_count), partition=0,
+                 timestamp_ms=max(end_ms, last_ms)).add_errback(eos_failed, slot)
+        producer.flush()
+    if on_tick is not None:
+        on_tick(tallies, time.monotonic() - run_t0)
+    return _RunResult(tallies, stream_s, time.monotonic() - run_t0, interrupted, lag_hist,
+                      max_lag_s)
+
+
+def _count_failures(pending: list, tallies: list[_DeviceTally]) -> list:
+    """Count failed sends per device; the futures still in flight (a per-record errback
+    costs more than the send's own bookkeeping)."""
+    still = []
+    for slot, future in pending:
+        if not future.is_done:
+            still.append((slot, future))
+        elif future.failed():
+            tallies[slot].failed += 1
+    return still
+
+
+def _wait_pending(pending: list, tallies: list[_DeviceTally], keep: int) -> list:
+    """Block until at most ``keep`` sends are unacknowledged (back-pressure)."""
+    pending = _count_failures(pending, tallies)
+    while len(pending) > keep:
+        try:  # acks come about in send order: wait for the one that leaves ``keep``
+            pending[-keep - 1][1].get(timeout=60)
+        except Exception:  # counted as a failure by _count_failures
+            pass
+        pending = _count_failures(pending, tallies)
+    return pending
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM (or by the caller's ``stop`` event)."""
+
+    def __init__(self, event: threading.Event | None = None):
+        self.flag = False
+        self.event = event
+
+    def set(self, *_args) -> None:
+        self.flag = True
+
+    def __call__(self) -> bool:
+        return self.flag or (self.event is not None and self.event.is_set())
+
+
+def _install_handlers(handler) -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+class _Progress:
+    """The per-second progress line on stderr (rewritten in place on a terminal)."""
+
+    def __init__(self, enabled: bool, total_expected: int, pace: str):
+        self.enabled = enabled
+        self.total_expected = total_expected
+        self.pace = pace
+        self.tty = sys.stderr.isatty()
+        self.last = (0.0, 0)
+
+    def show(self, sent: int, elapsed_s: float) -> None:
+        if not self.enabled:
+            return
+        t_prev, n_prev = self.last
+        rate = (sent - n_prev) / (elapsed_s - t_prev) if elapsed_s > t_prev else 0.0
+        self.last = (elapsed_s, sent)
+        line = (f"[produce {self.pace}] {elapsed_s:7.1f} s  sent {sent:,}/{self.total_expected:,}"
+                f"  {rate:,.0f} records/s")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+def _percentile_ms(hist: list[int], q: float) -> float:
+    total = sum(hist)
+    if total == 0:
+        return 0.0
+    rank, seen = q * total, 0
+    for ms, n in enumerate(hist):
+        seen += n
+        if seen >= rank:
+            return float(ms + 1)  # upper edge of the 1 ms bin
+    return float(len(hist))
+
+
+def _summary(results: list[_RunResult], pace: str, duration_s: float, start_time_s: float,
+             workers: int) -> dict:
+    tallies = sorted((t for r in results for t in r.devices), key=lambda t: t.device)
+    stream_s = min(r.stream_s for r in results) if results else 0.0
+    lag_hist = [sum(col) for col in zip(*(r.lag_hist for r in results))] if results else []
+    devices = []
+    for t in tallies:
+        rate = t.count / stream_s if stream_s > 0 else 0.0
+        devices.append({
+            "device": t.device, "topic": t.topic, "count": t.count, "failed": t.failed,
+            "target_rate_per_s": round(t.target_rate_per_s, 6),
+            "rate_per_s": round(rate, 6),
+            "error_pct": round(100.0 * (rate - t.target_rate_per_s) / t.target_rate_per_s, 4)
+            if t.target_rate_per_s > 0 else 0.0,
+            "eos_count": t.eos_count,
+        })
+    total = sum(t.count for t in tallies)
+    elapsed_s = max((r.elapsed_s for r in results), default=0.0)
+    summary = {
+        "pace": pace, "duration_s": duration_s, "stream_s": round(stream_s, 6),
+        "start_time_s": start_time_s, "elapsed_s": round(elapsed_s, 3), "workers": workers,
+        "interrupted": any(r.interrupted for r in results),
+        "records": total,
+        "failed": sum(t.failed for t in tallies) + sum(t.eos_failed for t in tallies),
+        "send_rate_per_s": round(total / elapsed_s, 1) if elapsed_s > 0 else 0.0,
+        "devices": devices,
+    }
+    if pace == "realtime":
+        summary["send_lag_ms"] = {"p50": _percentile_ms(lag_hist, 0.5),
+                                  "p99": _percentile_ms(lag_hist, 0.99),
+                                  "max": round(max(r.max_lag_s for r in results) * 1000, 3)}
+    return summary
+
+
+def produce(bootstrap: str, streams: Sequence, dataset, duration_s: float, pace: str,
+            topic_prefix: str = DEFAULT_TOPIC_PREFIX, start_time_s: float | None = None, *,
+            eos: bool = True, workers: int | None = 1, create: bool = True,
+            stop: threading.Event | None = None, progress: bool = False,
+            producer_config: dict | None = None) -> dict:
+    """Produce ``streams`` (``DeviceStream``s) for ``duration_s`` of stream time; a summary.
+
+    ``pace``: ``realtime`` (sleep to the wall clock) or ``virtual`` (as fast as possible).
+    ``start_time_s``: event-time origin (default: now for realtime, ``VIRTUAL_EPOCH_S``
+    for virtual). ``workers``: producer processes (None: by aggregate rate). ``stop``: an
+    event that ends the run early (SIGINT/SIGTERM do too, in the main thread); EOS markers
+    are written either way unless ``eos`` is False. Raises BrokerUnreachable.
+    """
+    if pace not in PACES:
+        raise ValueError(f"pace {pace!r}: use one of {', '.join(PACES)}")
+    if not duration_s > 0:
+        raise ValueError(f"duration_s {duration_s}: must be > 0")
+    if not streams:
+        raise ValueError("no streams to produce")
+    if len({s.device for s in streams}) != len(streams):
+        raise ValueError("two streams for the same device")
+    from streamsim import broker
+
+    broker.check_reachable(bootstrap, timeout_s=10)
+    if create:
+        broker.create_topics(bootstrap, [topic_name(topic_prefix, s.device) for s in streams])
+    sample_bytes = int(np.prod(dataset.sample_shape))
+    if workers is None:
+        workers = default_workers(streams, duration_s, sample_bytes)
+    workers = max(1, min(int(workers), len(streams)))
+    expected = sum(math.ceil(s.schedule.count_limit(duration_s)) for s in streams)
+    show = _Progress(progress, expected, pace)
+    stop_flag = _StopFlag(stop)
+    previous = _install_handlers(stop_flag.set)
+    try:
+        if workers == 1:
+            results = [_produce_here(bootstrap, streams, dataset, duration_s, pace,
+                                     topic_prefix, start_time_s, eos, stop_flag, show,
+                                     producer_config)]
+        else:
+            results = _produce_in_workers(bootstrap, streams, dataset, duration_s, pace,
+                                          topic_prefix, start_time_s, eos, stop_flag, show,
+                                          producer_config, workers)
+    finally:
+        _restore_handlers(previous)
+        show.close()
+    return _summary([r for r, _ in results], pace, duration_s, results[0][1], workers)
+
+
+def _resolve_start(pace: str, start_time_s: float | None) -> float:
+    if start_time_s is not None:
+        return float(start_time_s)
+    return time.time() if pace == "realtime" else record.VIRTUAL_EPOCH_S
+
+
+def _produce_here(bootstrap, streams, dataset, duration_s, pace, topic_prefix, start_time_s,
+                  eos, stop_flag, show, producer_config) -> tuple[_RunResult, float]:
+    producer = _make_producer(bootstrap, producer_config)
+    try:
+        start = _resolve_start(pace, start_time_s)
+        result = _run_streams(producer, streams, dataset, duration_s, pace, topic_prefix,
+                              start, eos, stop_flag,
+                              lambda tallies, t: show.show(sum(x.count for x in tallies), t))
+    finally:
+        producer.close(timeout=10)
+    return result, start
+
+
+def _worker_main(worker, bootstrap, streams, dataset, duration_s, pace, topic_prefix, eos,
+                 producer_config, counts, queue, go, start_value) -> None:
+    """One producer process: connect, report ready, wait for the start time, run."""
+    stop_flag = _StopFlag()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop_flag.set)
+    try:
+        producer = _make_producer(bootstrap, producer_config)
+    except Exception as e:  # reported by the parent as one line
+        queue.put(("error", worker, f"{type(e).__name__}: {e}"))
+        return
+    try:
+        queue.put(("ready", worker, None))
+        while not go.wait(0.1):
+            if stop_flag():
+                break
+        slots = [s.device for s in streams]
+
+        def tick(tallies, _t):
+            for device, tally in zip(slots, tallies):
+                counts[device] = tally.count
+
+        start = start_value.value if go.is_set() else _resolve_start(pace, None)
+        result = _run_streams(producer, streams, dataset, duration_s, pace, topic_prefix,
+                              start, eos, stop_flag, tick, tick_s=0.2)
+        queue.put(("done", worker, result))
+    except Exception as e:
+        queue.put(("error", worker, f"{type(e).__name__}: {e}"))
+    finally:
+        producer.close(timeout=10)
+
+
+def _produce_in_workers(bootstrap, streams, dataset, duration_s, pace, topic_prefix,
+                        start_time_s, eos, stop_flag, show, producer_config, workers
+                        ) -> list[tuple[_RunResult, float]]:
+    """Split the devices over ``workers`` forked processes that share one start time."""
+    ctx = mp.get_context("fork")  # children share the loaded dataset, copy-on-write
+    groups = _balanced_groups(streams, duration_s, workers)
+    counts = ctx.Array("q", max(s.device for s in streams) + 1, lock=False)
+    queue, go, start_value = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0, lock=False)
+    procs = [ctx.Process(target=_worker_main, name=f"produce-{w}", daemon=True,
+                         args=(w, bootstrap, group, dataset, duration_s, pace, topic_prefix,
+                               eos, producer_config, counts, queue, go, start_value))
+             for w, group in enumerate(groups)]
+    for p in procs:
+        p.start()
+    results: dict[int, _RunResult] = {}
+    errors: list[str] = []
+    ready = 0
+    start = None
+    go_mono = 0.0
+    forwarded = False
+    next_show = 0.0
+    try:
+        while len(results) + len(errors) < len(procs):
+            if stop_flag() and not forwarded:
+                forwarded = True
+                for p in procs:
+                    if p.is_alive():
+                        os.kill(p.pid, signal.SIGTERM)
+            try:
+                kind, worker, payload = queue.get(timeout=0.1)
+            except queue_lib.Empty:
+                if not any(p.is_alive() for p in procs) and queue.empty():
+                    errors.append("a producer worker died without a result")
+                    break
+                kind = None
+            if kind == "ready":
+                ready += 1
+                if ready == len(procs):
+                    start = _resolve_start(pace, start_time_s)
+                    start_value.value = start
+                    go.set()
+                    go_mono = time.monotonic()
+                    next_show = go_mono + 1.0
+            elif kind == "done":
+                results[worker] = payload
+            elif kind == "error":
+                errors.append(f"worker {worker}: {payload}")
+                go.set()
+                stop_flag.set()
+            if start is not None and time.monotonic() >= next_show:
+                next_show += 1.0
+                show.show(sum(counts), time.monotonic() - go_mono)
+    finally:
+        for p in procs:
+            p.join(timeout=15)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError(f"producer failed: {errors[0]}")
+    return [(results[w], start) for w in sorted(results)]
+
+
+def _balanced_groups(streams: Sequence, duration_s: float, workers: int) -> list[list]:
+    """Devices split over ``workers`` with about equal expected record counts each."""
+    groups: list[list] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for s in sorted(streams, key=lambda s: -s.schedule.expected_count(0.0, duration_s)):
+        w = loads.index(min(loads))
+        groups[w].append(s)
+        loads[w] += s.schedule.expected_count(0.0, duration_s)
+    return [sorted(g, key=lambda s: s.device) for g in groups if g]
+
+
+# ------------------------------------------------------------------------------ CLI
+
+def build_streams(dataset, partition: str, world_size: int, rates: str, seed: int,
+                  rate_schedule: str | None = None, arrivals: str = "even",
+                  devices: Sequence[int] | None = None) -> list:
+    """The ``DeviceStream`` of each device in ``devices`` (default all), as the CLI builds
+    them: ``make_partition`` + ``make_schedules``, same seed."""
+    from streamsim.partition import make_partition
+    from streamsim.schedule import make_schedules
+    from streamsim.stream import DeviceStream
+
+    schedules = make_schedules(rates, world_size, seed, rate_schedule)
+    if len(schedules) != world_size:
+        raise ValueError(f"rates {rates!r} give {len(schedules)} schedules for world size "
+                         f"{world_size}")
+    part = make_partition(dataset.labels, world_size, partition, seed)
+    devices = range(world_size) if devices is None else devices
+    return [DeviceStream(dataset, part.indices[d], schedules[d], d, seed, arrivals)
+            for d in devices]
+
+
+def _parse_devices(text: str | None, world_size: int) -> list[int] | None:
+    if text is None or text.strip() == "":
+        return None
+    try:
+        devices = sorted({int(x) for x in text.replace(" ", ",").split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--devices {text!r}: expected a comma-separated list like 0,1,2")
+    bad = [d for d in devices if not 0 <= d < world_size]
+    if bad or not devices:
+        raise ValueError(f"--devices {text!r}: devices must be in [0, {world_size - 1}]")
+    return devices
+
+
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{flag} {text!r}: must be a whole number >= 1 or 'auto'")
+    return value
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.strip().lower() in ("", "none") else float(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m streamsim.produce",
+        description="Stream every device's data onto its Kafka topic, paced by schedule.")
+    parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP"),
+                        help="HOST:PORT of the broker (default $KAFKA_BOOTSTRAP)")
+    parser.add_argument("--dataset", required=True,
+                        help="cifar10, cifar100, fashion-mnist, imagefolder or synthetic")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--download", action="store_true")
+    parser.add_argument("--image-size", type=int, default=224, help="imagefolder only")
+    parser.add_argument("--partition", default="iid", help="iid, noniid or dirichlet:ALPHA")
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--rates", required=True,
+                        help="per-device samples/s: '92 22 62', S1, S2, S10, S20, "
+                             "normal:M,SD, uniform:LO,HI, piecewise T:R,T:R, or a CSV trace")
+    parser.add_argument("--rate-schedule", default=None,
+                        help="constant, rotate:SEC or scale:T:F,T:F")
+    parser.add_argument("--duration", type=float, required=True, help="stream seconds")
+    parser.add_argument("--pace", choices=PACES, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arrivals", choices=("even", "poisson"), default="even")
+    parser.add_argument("--topic-prefix", default=DEFAULT_TOPIC_PREFIX)
+    parser.add_argument("--start-time", type=_optional_float, default=None,
+                        help="event-time origin, epoch seconds (default: now for realtime, "
+                             "record.VIRTUAL_EPOCH_S for virtual)")
+    parser.add_argument("--devices", default=None, help="produce only these, e.g. 0,1,2")
+    parser.add_argument("--workers", default="auto",
+                        help="producer processes, or 'auto' (by aggregate rate)")
+    parser.add_argument("--no-eos", action="store_true", help="write no end-of-stream markers")
+    parser.add_argument("--json", action="store_true", help="summary as JSON on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    return parser.parse_args(argv)
+
+
+def format_summary(summary: dict) -> str:
+    """The per-device table printed at the end."""
+    lines = [f"{'device':>6}  {'topic':<20} {'count':>9}  {'target/s':>9}  {'achieved/s':>10}"
+             f"  {'error%':>7}"]
+    for d in summary["devices"]:
+        lines.append(f"{d['device']:>6}  {d['topic']:<20} {d['count']:>9,}  "
+                     f"{d['target_rate_per_s']:>9.2f}  {d['rate_per_s']:>10.2f}  "
+                     f"{d['error_pct']:>7.2f}")
+    lag = summary.get("send_lag_ms")
+    lines.append(f"total {summary['records']:,} records over {summary['stream_s']:g} s of "
+                 f"stream in {summary['elapsed_s']:g} s wall ({summary['send_rate_per_s']:,.0f}"
+                 f" records/s), {summary['workers']} worker(s)"
+                 + (f", send lag p50/p99/max {lag['p50']:g}/{lag['p99']:g}/{lag['max']:g} ms"
+                    if lag else "")
+                 + (", INTERRUPTED" if summary["interrupted"] else "")
+                 + (f", {summary['failed']} FAILED sends" if summary["failed"] else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from streamsim.broker import (CLI_PROBE_S, BrokerError, BrokerUnreachable,
+                                  check_reachable, parse_bootstrap)
+    from streamsim.datasets import DATASETS, DatasetError, load_dataset
+
+    try:
+        if not args.bootstrap:
+            raise ValueError("no broker address: pass --bootstrap HOST:PORT or set "
+                             "KAFKA_BOOTSTRAP (start one with `python -m streamsim.broker start`)")
+        parse_bootstrap(args.bootstrap)
+        if not args.duration > 0:
+            raise ValueError(f"--duration {args.duration}: must be > 0 seconds")
+        if args.world_size < 1:
+            raise ValueError(f"--world-size {args.world_size}: must be >= 1")
+        workers = None if args.workers == "auto" else _positive_int(args.workers, "--workers")
+        from streamsim.partition import parse_scheme
+        from streamsim.schedule import make_schedules
+        make_schedules(args.rates, args.world_size, args.seed, args.rate_schedule)  # fail fast
+        parse_scheme(args.partition)
+        devices = _parse_devices(args.devices, args.world_size)
+        if args.dataset not in DATASETS:
+            raise ValueError(f"--dataset {args.dataset!r}: use one of {', '.join(DATASETS)}")
+    except ValueError as e:
+        print(f"produce: {e}", file=sys.stderr)
+        return 2
+    try:  # before loading data, so an unreachable broker is reported promptly
+        check_reachable(args.bootstrap, timeout_s=CLI_PROBE_S)
+    except BrokerUnreachable as e:
+        print(f"produce: {e}", file=sys.stderr)
+        return 1
+    try:
+        dataset = load_dataset(args.dataset, "train", args.data_dir, args.download,
+                               args.image_size, args.seed)
+        streams = build_streams(dataset, args.partition, args.world_size, args.rates,
+                                args.seed, args.rate_schedule, args.arrivals, devices)
+    except (ValueError, DatasetError) as e:
+        print(f"produce: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = produce(args.bootstrap, streams, dataset, args.duration, args.pace,
+                          args.topic_prefix, args.start_time, eos=not args.no_eos,
+                          workers=workers, progress=not args.quiet and not args.json)
+    except (BrokerUnreachable, BrokerError, RuntimeError) as e:
+        print(f"produce: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary) if args.json else format_summary(summary), flush=True)
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

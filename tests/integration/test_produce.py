@@ -1,0 +1,194 @@
+"""Producers against the real embedded broker, read back by a plain KafkaConsumer."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from streamsim import record
+from streamsim.produce import build_streams, event_ms, produce
+from streamsim.broker import create_topics
+
+
+def _is_eos(value: bytes) -> bool:
+    try:
+        return isinstance(record.decode(value, 1), record.EndOfStream)
+    except record.RecordError:
+        return False
+
+
+def read_topics(bootstrap: str, topics: list[str], timeout_s: float = 30.0,
+                stop: threading.Event | None = None) -> dict[str, list[tuple]]:
+    """Every record of ``topics`` from offset 0 up to each one's end-of-stream marker, as
+    (offset, timestamp_ms, value, receive_wall_s)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                             enable_auto_commit=False, auto_offset_reset="earliest",
+                             allow_auto_create_topics=False, fetch_max_wait_ms=20)
+    tps = [TopicPartition(t, 0) for t in topics]
+    consumer.assign(tps)
+    for tp in tps:
+        consumer.seek(tp, 0)
+    out = {t: [] for t in topics}
+    ended: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(ended) < len(topics) and time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                break
+            for tp, msgs in consumer.poll(timeout_ms=100).items():
+                now = time.time()
+                for m in msgs:
+                    out[tp.topic].append((m.offset, m.timestamp, m.value, now))
+                    if _is_eos(m.value):
+                        ended.add(tp.topic)
+    finally:
+        consumer.close()
+    assert ended == set(topics), f"no end-of-stream marker on {set(topics) - ended}"
+    return out
+
+
+def _produce_cli(args, env, **kw):
+    return subprocess.run([sys.executable, "-m", "streamsim.produce", *args], env=env,
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_virtual_round_trip_every_sample_in_order(broker, unique_name, fashion_mnist):
+    duration_s, rates = 4.0, [50, 20, 35]
+    streams = build_streams(fashion_mnist, "noniid", 3, " ".join(map(str, rates)), seed=3)
+    summary = produce(broker, streams, fashion_mnist, duration_s, "virtual", unique_name)
+    topics = [f"{unique_name}{d}" for d in range(3)]
+    got = read_topics(broker, topics)
+    labels_of_device = [set(np.unique(fashion_mnist.labels[s.indices]).tolist())
+                        for s in streams]
+    for d, stream in enumerate(streams):
+        seqs, offsets_s, indices = stream.plan(duration_s)
+        records = got[topics[d]]
+        assert len(seqs) == math.ceil(rates[d] * duration_s) == len(records) - 1
+        assert [r[0] for r in records] == list(range(len(records)))
+        for k, (_, ts, value, _) in enumerate(records[:-1]):
+            sample = record.decode(value, ts, num_classes=10, expect_shape=(1, 28, 28),
+                                   expect_device=d)
+            assert sample.seq == seqs[k] == k
+            assert sample.label == fashion_mnist.labels[indices[k]]
+            assert sample.label in labels_of_device[d]
+            np.testing.assert_array_equal(sample.pixels, fashion_mnist.pixels(indices[k]))
+            assert ts == event_ms(record.VIRTUAL_EPOCH_S * 1000, offsets_s[k])
+        eos = record.decode(records[-1][2], records[-1][1])
+        assert isinstance(eos, record.EndOfStream) and eos.count == len(seqs)
+        assert eos.event_time_s == record.VIRTUAL_EPOCH_S + duration_s
+        row = summary["devices"][d]
+        assert row["count"] == row["eos_count"] == len(seqs) and row["failed"] == 0
+        assert row["rate_per_s"] == pytest.approx(rates[d])
+    assert summary["records"] == sum(math.ceil(r * duration_s) for r in rates)
+
+
+def _contents(bootstrap, prefix, devices):
+    got = read_topics(bootstrap, [f"{prefix}{d}" for d in range(devices)])
+    return [[(ts, value) for _, ts, value, _ in got[f"{prefix}{d}"]] for d in range(devices)]
+
+
+def test_virtual_streams_identical_for_same_seed(broker, unique_name, repo_env, fashion_mnist):
+    config = ["--dataset", "fashion-mnist", "--partition", "dirichlet:0.5", "--world-size", "3",
+              "--rates", "30,60,90", "--duration", "3", "--pace", "virtual",
+              "--arrivals", "poisson"]
+    cli = _produce_cli(["--bootstrap", broker, *config, "--seed", "5", "--workers", "2",
+                        "--topic-prefix", f"{unique_name}a-", "--json"], repo_env)
+    assert cli.returncode == 0, cli.stderr
+    summary = json.loads(cli.stdout)
+    assert summary["workers"] == 2 and summary["failed"] == 0
+    for seed, prefix in ((5, f"{unique_name}b-"), (6, f"{unique_name}c-")):
+        streams = build_streams(fashion_mnist, "dirichlet:0.5", 3, "30,60,90", seed,
+                                arrivals="poisson")
+        produce(broker, streams, fashion_mnist, 3.0, "virtual", prefix, workers=1)
+    a, b, c = (_contents(broker, f"{unique_name}{x}-", 3) for x in "abc")
+    assert a == b  # same seed: byte-identical records and timestamps, 1 or 2 workers
+    assert a != c
+
+
+def test_realtime_pacing_is_accurate(broker, unique_name, repo_env):
+    duration_s, rates = 4.0, [40, 100, 160]
+    topics = [f"{unique_name}{d}" for d in range(3)]
+    create_topics(broker, topics)
+    received = {}
+    reader = threading.Thread(target=lambda: received.update(read_topics(broker, topics, 60)))
+    reader.start()
+    cli = _produce_cli(["--bootstrap", broker, "--dataset", "fashion-mnist", "--world-size",
+                        "3", "--rates", " ".join(map(str, rates)), "--duration", str(duration_s),
+                        "--pace", "realtime", "--seed", "1", "--topic-prefix", unique_name,
+                        "--json"], repo_env)
+    reader.join(70)
+    assert cli.returncode == 0, cli.stderr
+    summary = json.loads(cli.stdout)
+    start_s = summary["start_time_s"]
+    assert duration_s <= summary["elapsed_s"] < duration_s + 0.5
+    assert summary["send_lag_ms"]["p99"] <= 100
+    for d, rate in enumerate(rates):
+        records = received[topics[d]][:-1]
+        assert len(records) == rate * duration_s
+        stamps = np.array([ts for _, ts, _, _ in records]) / 1000.0
+        recv_s = np.array([t for *_, t in records])
+        expected = np.array([event_ms(start_s * 1000, k / rate) for k in range(len(records))])
+        np.testing.assert_array_equal(stamps * 1000, expected)
+        latency_s = recv_s - stamps
+        assert latency_s.min() >= -0.002  # never sent before its event time
+        assert np.median(latency_s) < 0.1 and np.percentile(latency_s, 99) < 0.5
+        achieved = (len(records) - 1) / (recv_s[-1] - recv_s[0])
+        assert achieved == pytest.approx(rate, rel=0.05)
+
+
+def test_sigterm_stops_cleanly_with_end_markers(broker, unique_name, repo_env):
+    topics = [f"{unique_name}{d}" for d in range(2)]
+    create_topics(broker, topics)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamsim.produce", "--bootstrap", broker, "--dataset",
+         "fashion-mnist", "--world-size", "2", "--rates", "50 80", "--duration", "60",
+         "--pace", "realtime", "--topic-prefix", unique_name, "--json"],
+        env=repo_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=broker, group_id=None,
+                                 allow_auto_create_topics=False, auto_offset_reset="earliest")
+        consumer.assign([TopicPartition(topics[0], 0)])
+        consumer.seek(TopicPartition(topics[0], 0), 0)
+        deadline = time.monotonic() + 30
+        while not consumer.poll(timeout_ms=200) and time.monotonic() < deadline:
+            pass  # wait for the first records: the producer is running
+        consumer.close()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        out, err = proc.communicate(timeout=15)
+        assert time.monotonic() - stopped < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["interrupted"] and 0 < summary["stream_s"] < 30
+    got = read_topics(broker, topics)
+    for d, topic in enumerate(topics):
+        samples = [record.decode(v, ts) for _, ts, v, _ in got[topic][:-1]]
+        eos = record.decode(got[topic][-1][2], got[topic][-1][1])
+        assert [s.seq for s in samples] == list(range(len(samples)))
+        assert eos.count == len(samples) == summary["devices"][d]["count"] > 0
+        assert eos.event_time_s >= samples[-1].event_time_s
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--rates", "10 20 30"], "rate"),
+    (["--rates", "10 20", "--devices", "0,5"], "--devices"),
+    (["--rates", "10 20", "--duration", "0"], "--duration"),
+    (["--rates", "10 20", "--dataset", "no-such-set"], "no-such-set"),
+])
+def test_bad_config_exits_2_with_one_line(bad, message, repo_env):
+    args = ["--bootstrap", "127.0.0.1:9", "--dataset", "synthetic", "--world-size", "2",
+            "--duration", "5", "--pace", "virtual"]
+    result = _produce_cli(args + bad, repo_env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
