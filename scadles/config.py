@@ -56,7 +56,7 @@ class Config:
     mode: str = _opt("scadles", "scadles (rate-proportional batches, weighted aggregation) "
                                 "or ddp (fixed batch, waits for the slowest stream)")
     backend: str = _opt("gloo", "mpi | gloo | nccl")
-    model_name: str = _opt("smallcnn", "resnet152 | vgg19 | resnet18 | smallcnn")
+    model_name: str = _opt("smallcnn", "resnet152 | vgg19 | resnet18 | smallcnn | smallcnn-bn")
     dataset: str = _opt("fashion-mnist", "cifar10 | cifar100 | fashion-mnist | imagefolder "
                                          "| synthetic")
     data_dir: str | None = _opt(None, "where the dataset is (default: <repo>/data, and "

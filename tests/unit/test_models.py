@@ -8,7 +8,7 @@ from scadles.models import MODELS, build_model, parameter_digest
 
 
 @pytest.mark.parametrize("name,in_channels,image_size", [
-    ("smallcnn", 1, 28), ("smallcnn", 3, 32), ("resnet18", 1, 28), ("resnet18", 3, 32),
+    ("smallcnn", 1, 28), ("smallcnn", 3, 32), ("smallcnn-bn", 1, 28), ("resnet18", 1, 28), ("resnet18", 3, 32),
     ("vgg19", 1, 28), ("vgg19", 3, 32),
     ("resnet152", 3, 8),  # 8x8 keeps the deepest model fast; the stem is the same
 ])
