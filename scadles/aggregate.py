@@ -177,8 +177,9 @@ class DenseExchanger:
         self._buckets: GradBuckets | None = None
 
     def exchange(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], weight: float,
-                 step: int) -> dict:
-        """Aggregate the gradients of ``named_params`` in place with this rank's ``weight``."""
+                 step: int, epoch: int | None = None) -> dict:
+        """Aggregate the gradients of ``named_params`` in place with this rank's ``weight``.
+        ``epoch`` is accepted for the exchanger interface (adaptive signals use it)."""
         params = [p for _, p in named_params]
         if self._buckets is None or not self._buckets.matches(params):
             self._buckets = GradBuckets(params, self.bucket_cap_mb)
@@ -198,6 +199,7 @@ class DenseExchanger:
 
     def summary(self) -> dict:
         return {"steps": self.steps, "compressed_steps": 0, "dense_steps": self.steps,
+                "cnc_ratio": 0.0, "switches": 0, "compress_s_total": 0.0,
                 "bytes_sent_total": self.bytes_sent_total,
                 "floats_sent_total": self.floats_sent_total}
 

@@ -37,7 +37,7 @@ from typing import Iterable, NamedTuple, Protocol
 
 import numpy as np
 
-from streamsim.record import EndOfStream, RecordError, Sample, decode
+from streamsim.record import EndOfStream, RecordError, Sample, decode, event_time_ms
 
 log = logging.getLogger(__name__)
 
@@ -351,9 +351,8 @@ class InProcessSource:
 
 
 def _ms_times(start_time_s: float, offsets_s):
-    """Event times as a produced record carries them: the producer's whole milliseconds
-    (``round(start_ms + offset_s * 1000)``, streamsim.produce), back in seconds."""
-    return np.round(start_time_s * 1000.0 + np.asarray(offsets_s, np.float64) * 1000.0) / 1000.0
+    """Event times as a produced record carries them (``record.event_time_ms``), in seconds."""
+    return event_time_ms(start_time_s * 1000.0, offsets_s) / 1000.0
 
 
 # --------------------------------------------------------------------------------------------

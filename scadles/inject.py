@@ -521,7 +521,7 @@ def fill_pool(bootstrap: str, dataset, topic: str, rate_per_s: float, duration_s
 
     from streamsim import broker
     from streamsim.produce import PACES, PRODUCER_CONFIG
-    from streamsim.record import VIRTUAL_EPOCH_S, encode, encode_eos
+    from streamsim.record import VIRTUAL_EPOCH_S, encode, encode_eos, event_time_ms
 
     if pace not in PACES:
         raise ValueError(f"pace {pace!r}: use one of {', '.join(PACES)}")
@@ -547,14 +547,14 @@ def fill_pool(bootstrap: str, dataset, topic: str, rate_per_s: float, duration_s
                 break
             producer.send(topic, encode(POOL_DEVICE, seq, int(dataset.labels[index]),
                                         dataset.pixels(index)),
-                          partition=0, timestamp_ms=int(round(start_ms + offset_s * 1000.0)))
+                          partition=0, timestamp_ms=event_time_ms(start_ms, offset_s))
             count += 1
         else:
             while realtime and time.monotonic() < start_mono + duration_s and not stop():
                 time.sleep(min(start_mono + duration_s - time.monotonic(), 0.1))
         producer.flush()
         producer.send(topic, encode_eos(POOL_DEVICE, count), partition=0,
-                      timestamp_ms=int(round(start_ms + stream_s * 1000.0)))
+                      timestamp_ms=event_time_ms(start_ms, stream_s))
         producer.flush()
     finally:
         producer.close(timeout=10)

@@ -19,7 +19,6 @@ latest, so in ddp mode the slowest stream sets the pace. Evaluation does not mov
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from scadles import checkpoint, metrics
-from scadles.aggregate import multistep_factor, scaled_lr
+from scadles.aggregate import aggregation_weight, multistep_factor, scaled_lr
 from scadles.buffer import InProcessSource, KafkaSource, StreamBuffer
 from scadles.clock import CommModel, ComputeModel, VirtualClock, WallClock
 from scadles.comm import make_comm, share_cpu_threads
@@ -213,7 +212,6 @@ def train(cfg: Config, comm) -> dict:
                                adaptive_signal=cfg.adaptive_signal, ewma_alpha=cfg.ewma_alpha,
                                gradnorm_threshold=cfg.gradnorm_threshold,
                                gradnorm_interval_steps=cfg.gradnorm_interval)
-    takes_epoch = "epoch" in inspect.signature(exchanger.exchange).parameters
 
     # Time.
     clock = VirtualClock(start_s=stream_start_s) if cfg.clock == "virtual" else WallClock()
@@ -334,10 +332,11 @@ def train(cfg: Config, comm) -> dict:
         measured_compute_s = time.perf_counter() - t_compute
 
         # -- weighted aggregation: every .grad becomes sum_i (b_i / B) g_i.
-        weight = weight_bsz / global_bsz if cfg.mode == "scadles" else 1.0 / world_size
+        # (ddp: equal batches, so b_i / B is the plain average.)
+        weight = aggregation_weight(weight_bsz, global_bsz)
         t_exchange = time.perf_counter()
-        extra = {"epoch": samples_global // epoch_samples} if takes_epoch else {}
-        exchange = exchanger.exchange(named_params, weight, step, **extra)
+        exchange = exchanger.exchange(named_params, weight, step,
+                                      epoch=samples_global // epoch_samples)
         measured_sync_s = time.perf_counter() - t_exchange + agree_s
 
         # -- learning rate: linear scaling (scadles) and the group's MultiStep schedule.

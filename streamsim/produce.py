@@ -83,10 +83,7 @@ class _RunResult:
     max_lag_s: float = 0.0
 
 
-def event_ms(start_ms: float, offset_s: float) -> int:
-    """Kafka timestamp of an item: its event time in whole ms, rounded down (a record never
-    claims a later time than its schedule; 1e-6 ms absorbs float error in k / rate)."""
-    return math.floor(start_ms + offset_s * 1000.0 + 1e-6)
+event_ms = record.event_time_ms  # Kafka timestamp of an item (see streamsim.record)
 
 
 def topic_name(prefix: str, device: int) -> str:

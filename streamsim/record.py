@@ -33,6 +33,16 @@ HEADER_BYTES = HEADER.size  # 24
 VIRTUAL_EPOCH_S = 1_000_000_000.0
 
 
+def event_time_ms(start_ms: float, offset_s):
+    """Kafka timestamp of a sample ``offset_s`` seconds into a stream that started at
+    ``start_ms``: whole milliseconds, rounded down (a record never claims a later time than
+    its schedule; 1e-6 ms absorbs float error in k / rate). The one formula every producer
+    and the in-process source use, so Kafka and in-process streams agree exactly. Works on
+    numpy arrays."""
+    ms = np.floor(start_ms + np.asarray(offset_s, np.float64) * 1000.0 + 1e-6)
+    return int(ms) if ms.ndim == 0 else ms.astype(np.int64)
+
+
 class RecordError(ValueError):
     """A record that failed validation. ``kind`` is a short stable name for counting."""
 
