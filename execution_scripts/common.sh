@@ -36,6 +36,7 @@ SCADLES_PARAMS=(
   delta_threshold:--delta-threshold adaptive_signal:--adaptive-signal ewma_alpha:--ewma-alpha
   gradnorm_threshold:--gradnorm-threshold gradnorm_interval:--gradnorm-interval
   alpha:--alpha beta:--beta inject_from:--inject-from pool_topic:--pool-topic
+  inject_weight:--inject-weight
 )
 
 _is_rate_list() {  # a plain list of numbers (comma- or space-separated)

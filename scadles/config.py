@@ -35,6 +35,7 @@ ARRIVALS = ("even", "poisson")
 COMPRESSIONS = ("none", "static", "adaptive")
 ADAPTIVE_SIGNALS = ("paper", "orig", "gradnorm-change")
 INJECT_FROM = ("devices", "pool")
+INJECT_WEIGHTS = ("all", "local")
 REF_BSZ_PER_DEVICE = 64  # the paper's per-device batch: --global-bsz defaults to 64 x W
 MEASURED_STEP_GUESS_S = 10.0  # virtual clock, measured compute: a CPU step may take this long
 
@@ -130,6 +131,8 @@ class Config:
     beta: float = _opt(0.0, "injection: fraction of a chosen device's window taken")
     inject_from: str = _opt("devices", "injection source: devices | pool")
     pool_topic: str | None = _opt(None, "injection: the shared pool topic (--inject-from pool)")
+    inject_weight: str = _opt("all", "injection: all (injected samples count in b_i, the "
+                                     "paper's choice) | local (b_i = local samples only)")
     # -- where ranks run ------------------------------------------------------------------
     hosts: str | None = _opt(None, "multi-node: host1:4,host2:4 (ranks per host)", env="HOSTS")
     nnodes: int = _opt(1, "multi-node: number of nodes (each runs the launcher)", env="NNODES")
@@ -306,6 +309,7 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
     _one_of("--compression", cfg.compression, COMPRESSIONS)
     _one_of("--adaptive-signal", cfg.adaptive_signal, ADAPTIVE_SIGNALS)
     _one_of("--inject-from", cfg.inject_from, INJECT_FROM)
+    _one_of("--inject-weight", cfg.inject_weight, INJECT_WEIGHTS)
 
     from streamsim.datasets import DATASETS
 
