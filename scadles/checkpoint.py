@@ -22,6 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from scadles.metrics import atomic_write_text
+
 LATEST = "latest"
 KEEP = 2  # complete checkpoints kept
 
@@ -40,15 +42,6 @@ def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -80,7 +73,7 @@ def save(log_dir: str | Path, step: int, rank: int, rank_state: dict,
         atomic_save(shared_state, folder / "shared.pt")
     barrier()
     if rank == 0:
-        _atomic_write_text(checkpoint_root(log_dir) / LATEST, folder.name + "\n")
+        atomic_write_text(checkpoint_root(log_dir) / LATEST, folder.name + "\n")
         done = sorted(p for p in checkpoint_root(log_dir).glob("step-*") if p.is_dir())
         for old in done[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)

@@ -58,7 +58,8 @@ def read_rows(log_dir: str | Path, rank: int, kind: str | None = None) -> list[d
     return [r for r in rows if kind is None or r.get("kind") == kind]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -77,7 +78,7 @@ class RankLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_rows(log_dir, rank) if r.get("step", 0) <= resume_step]
-            _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()  # a fresh run in an old directory starts a fresh log
         self._file = open(self.path, "a")
@@ -138,7 +139,7 @@ def write_run_json(log_dir: str | Path, config: dict, partition: dict, **extra) 
     doc = {"config": config, "versions": versions(), "git_commit": git_commit(),
            "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "partition": partition, **extra}
-    _atomic_write_text(path, json.dumps(doc, indent=1, default=_jsonable) + "\n")
+    atomic_write_text(path, json.dumps(doc, indent=1, default=_jsonable) + "\n")
     return path
 
 
@@ -151,7 +152,7 @@ def update_run_json(log_dir: str | Path, **fields) -> None:
     """Merge ``fields`` into ``run.json`` (atomically)."""
     doc = read_run_json(log_dir)
     doc.update(fields)
-    _atomic_write_text(Path(log_dir) / RUN_JSON,
+    atomic_write_text(Path(log_dir) / RUN_JSON,
                        json.dumps(doc, indent=1, default=_jsonable) + "\n")
 
 
