@@ -151,6 +151,7 @@ def test_dense_exchanger_applies_weight_and_reports_stats():
                      "floats_sent": 30, "compress_s": 0.0}
     exchanger.exchange([(f"p{i}", p) for i, p in enumerate(params)], weight=1.0, step=1)
     assert exchanger.summary() == {"steps": 2, "compressed_steps": 0, "dense_steps": 2,
+                                   "cnc_ratio": 0.0, "switches": 0, "compress_s_total": 0.0,
                                    "bytes_sent_total": 240, "floats_sent_total": 60}
     assert exchanger.state_dict() == {}
     exchanger.load_state_dict({})
