@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from scadles import checkpoint, metrics
+from scadles import metrics  # not checkpoint: it imports torch, which the launcher need not
 from scadles.config import REPO, Config, fail, find_mpiexec, parse_args
 from streamsim.record import VIRTUAL_EPOCH_S
 
@@ -116,6 +116,8 @@ class Launcher:
         if cfg.stream_start_s is None:
             cfg.stream_start_s = original.get("stream_start_s")
         cfg.topic_prefix = f"{cfg.topic_prefix}resume-{cfg.run_id}-"
+        from scadles import checkpoint
+
         folder = checkpoint.latest(self.log_dir)
         say(f"resuming from {folder}")
 

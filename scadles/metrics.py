@@ -215,6 +215,15 @@ def format_summary(summary: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{x:.2f}%"
 
+    compressed, dense = summary.get("compressed_steps"), summary.get("dense_steps")
+    cnc = summary["cnc_ratio"]
+    if cnc is None:  # no dense step: all compressed (inf), or no step at all
+        cnc_text = "all compressed" if compressed else "n/a"
+    else:
+        cnc_text = f"{cnc:.2f}"
+    if compressed is not None and dense is not None:
+        cnc_text += f" ({compressed} compressed / {dense} dense steps)"
+
     return "\n".join([
         "== run summary",
         f"steps          {summary['steps']}",
@@ -222,7 +231,7 @@ def format_summary(summary: dict) -> str:
         f"accuracy       final top1 {pct(summary['final_top1'])}, best top1 "
         f"{pct(summary['best_top1'])}, final top5 {pct(summary.get('final_top5'))}",
         f"bytes sent     {summary['bytes_sent_total']:,} (all ranks), CNC ratio "
-        f"{summary['cnc_ratio']}",
+        f"{cnc_text}",
         f"wall time      {summary['wall_s']:.1f} s",
         f"logs           {summary['log_dir']}",
     ])

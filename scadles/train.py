@@ -387,7 +387,9 @@ def train(cfg: Config, comm) -> dict:
                "samples": samples_global, "stop_reason": stop_reason,
                "final_top1": last_eval["top1"], "final_top5": last_eval["top5"],
                "best_top1": best_top1, "bytes_sent_total": bytes_sent_total,
-               "cnc_ratio": cnc, "wall_s": time.time() - wall_start, "log_dir": cfg.log_dir,
+               "cnc_ratio": cnc, "compressed_steps": ex_summary.get("compressed_steps"),
+               "dense_steps": ex_summary.get("dense_steps"),
+               "wall_s": time.time() - wall_start, "log_dir": cfg.log_dir,
                "buffer": buffer.stats()}
     if injector is not None:
         summary["injection"] = injector.summary()
