@@ -9,6 +9,8 @@ setting's values as mean ± sd (sample standard deviation over its seeds) and th
 plot shows the mean with a ± sd band. The other plots show the first seed of each setting.
 
 Definitions (every number in the table is computed by a pure function below):
+- Logs carry top-1/top-5 in percent (as ``metrics.py`` writes them); the report works in
+  fractions and prints percent.
 - Evaluation rows of one step written by several ranks (sharded evaluation) are merged into
   one point: top-1/top-5/loss weighted by ``samples``, ``clock_s`` their maximum. When a rank
   file repeats a (kind, step) row, as after a resume, the last row written wins.
@@ -118,11 +120,11 @@ def merge_evals(rows: list[dict]) -> list[dict]:
         weights = np.array([float(r.get("samples") or 1.0) for r in group])
         point = {"step": step, "clock_s": max(float(r.get("clock_s", 0.0)) for r in group),
                  "samples": int(sum(r.get("samples") or 0 for r in group))}
-        for key in ("loss", "top1", "top5"):
+        for key, scale in (("loss", 1.0), ("top1", 0.01), ("top5", 0.01)):  # % -> fraction
             pairs = [(float(r[key]), w) for r, w in zip(group, weights) if r.get(key) is not None]
             if pairs:
                 values, w = np.array(pairs).T
-                point[key] = float(np.dot(values, w) / w.sum())
+                point[key] = float(np.dot(values, w) / w.sum()) * scale
         merged.append(point)
     return merged
 
@@ -209,12 +211,16 @@ def _sum(train: dict[int, list[dict]], key: str) -> int:
     return int(sum(row.get(key) or 0 for row in _rows(train)))
 
 
+def _fraction(percent: float | None) -> float | None:
+    return None if percent is None else percent / 100
+
+
 def summarize_run(run: Run, target: float) -> dict:
     """The table's values for one run (numbers, None where not applicable)."""
     rows = list(_rows(run.train))
     decisions = step_decisions(run.train)
     top1 = [p["top1"] for p in run.evals if p.get("top1") is not None]
-    final = top1[-1] if top1 else run.summary.get("final_top1")
+    final = top1[-1] if top1 else _fraction(run.summary.get("final_top1"))
     clocks = [float(r["clock_s"]) for r in rows + run.evals if r.get("clock_s") is not None]
     return {
         "name": run.name,

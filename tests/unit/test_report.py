@@ -55,8 +55,8 @@ def runs_root(tmp_path):
     write_run(root, "ddp", {"mode": "ddp", "seed": 0, "world_size": 2, "rates": [10, 40]}, [
         train_rows([2, 4, 6, 8], 64, [70, 80, 90, 100], [0, 0, 0, 0], [1000] * 4),
         train_rows([2, 4, 6, 8], 64, [10, 20, 30, 40], [0, 0, 0, 0], [1000] * 4),
-    ], evals=[{"step": 1, "clock_s": 4.0, "samples": 100, "loss": 1.5, "top1": 0.3, "top5": 0.7},
-              {"step": 3, "clock_s": 8.0, "samples": 100, "loss": 1.0, "top1": 0.6, "top5": 0.9}])
+    ], evals=[{"step": 1, "clock_s": 4.0, "samples": 100, "loss": 1.5, "top1": 30, "top5": 70},
+              {"step": 3, "clock_s": 8.0, "samples": 100, "loss": 1.0, "top1": 60, "top5": 90}])
     cfg = {"mode": "scadles", "world_size": 2, "compression": "adaptive",
            "delta_threshold": 0.3, "alpha": 0.5, "beta": 0.5}
     flags = [False, True, True, True]
@@ -67,17 +67,17 @@ def runs_root(tmp_path):
         train_rows([1, 2, 3, 4], 40, [3, 4, 5, 6], [5, 0, 0, 0], [100, 100, 200, 200],
                    compressed=flags, signal=[0.5, 0.2, 0.1, 0.1], injected=[0, 0, 0, 10],
                    labels=[2, 3], truncated=[2, 0, 0, 0]),
-    ], evals=[{"step": 1, "clock_s": 2.0, "samples": 100, "loss": 1.4, "top1": 0.4, "top5": 0.8},
-              {"step": 3, "clock_s": 4.0, "samples": 100, "loss": 1.1, "top1": 0.55,
-               "top5": 0.9}])
+    ], evals=[{"step": 1, "clock_s": 2.0, "samples": 100, "loss": 1.4, "top1": 40, "top5": 80},
+              {"step": 3, "clock_s": 4.0, "samples": 100, "loss": 1.1, "top1": 55,
+               "top5": 90}])
     write_run(root, "scadles-seed1", {**cfg, "seed": 1}, [
         train_rows([1, 2, 3, 4], 10, [1, 2, 3, 4], [0, 0, 0, 0], [100] * 4,
                    compressed=flags, signal=[0.5, 0.2, 0.1, 0.1], injected=[0, 0, 0, 0]),
         train_rows([1, 2, 3, 4], 40, [1, 2, 3, 4], [0, 0, 0, 0], [100] * 4,
                    compressed=flags, signal=[0.5, 0.2, 0.1, 0.1], injected=[0, 0, 0, 0]),
-    ], evals=[{"step": 1, "clock_s": 2.0, "samples": 100, "loss": 1.4, "top1": 0.5, "top5": 0.8},
-              {"step": 3, "clock_s": 4.0, "samples": 100, "loss": 1.2, "top1": 0.52,
-               "top5": 0.9}])
+    ], evals=[{"step": 1, "clock_s": 2.0, "samples": 100, "loss": 1.4, "top1": 50, "top5": 80},
+              {"step": 3, "clock_s": 4.0, "samples": 100, "loss": 1.2, "top1": 52,
+               "top5": 90}])
     # No eval rows, no compression or injection fields: every optional value is n/a.
     write_run(root, "plain", {"mode": "scadles", "seed": 0}, [
         train_rows([1, 2], 8, [0, 0], [0, 0], [10, 10]),
@@ -139,7 +139,7 @@ def test_summaries_exact(runs_root):
 
 def test_time_to_target_first_step_in_order():
     evals = [{"step": 5, "clock_s": 9.0, "top1": 0.9}, {"step": 2, "clock_s": 3.0, "top1": 0.7},
-             {"step": 3, "clock_s": 4.0, "top1": 0.6}]
+             {"step": 3, "clock_s": 4.0, "top1": 0.6}]  # merged points: fractions
     assert report.time_to_target(evals, 0.65) == 3.0
     assert report.time_to_target(evals, 0.7) == 3.0
     assert report.time_to_target(evals, 0.95) is None
@@ -166,9 +166,9 @@ def test_sharded_evals_merge_and_resume_duplicates(tmp_path):
              {"kind": "train", "step": 1, "clock_s": 2.0, "bytes_sent": 5, "buffer_len": 9},
              # resumed from step 0: the rewritten step 1 replaces the first one
              {"kind": "train", "step": 1, "clock_s": 2.0, "bytes_sent": 7, "buffer_len": 3},
-             {"kind": "eval", "step": 1, "clock_s": 2.0, "samples": 100, "top1": 0.5}]
+             {"kind": "eval", "step": 1, "clock_s": 2.0, "samples": 100, "top1": 50}]
     rank1 = [{"kind": "train", "step": 0, "clock_s": 1.0, "bytes_sent": 5},
-             {"kind": "eval", "step": 1, "clock_s": 2.5, "samples": 300, "top1": 0.9}]
+             {"kind": "eval", "step": 1, "clock_s": 2.5, "samples": 300, "top1": 90}]
     for rank, rows in enumerate((rank0, rank1)):
         (path / f"rank-{rank}.jsonl").write_text(
             "\n".join(json.dumps(r) for r in rows) + '\n{"kind": "tra')  # torn last line
