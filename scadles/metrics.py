@@ -234,4 +234,17 @@ def format_summary(summary: dict) -> str:
         f"{cnc_text}",
         f"wall time      {summary['wall_s']:.1f} s",
         f"logs           {summary['log_dir']}",
-    ])
+    ] + format_devices(summary.get("devices") or []))
+
+
+def format_devices(devices: list[dict]) -> list[str]:
+    """The per-device table of the summary: what each stream delivered and what was trained."""
+    if not devices:
+        return []
+    lines = ["device  rate/s  trained  mean b_i  injected  dropped  truncated  peak buf  malformed"]
+    for d in devices:
+        lines.append(f"{d['device']:>6}  {d['rate_per_s']:>6.1f}  {d['samples_trained']:>7}  "
+                     f"{d['mean_local_bsz']:>8.1f}  {d.get('injected', 0):>8}  "
+                     f"{d['dropped']:>7}  {d['truncated']:>9}  {d['peak_buffer']:>8}  "
+                     f"{d['malformed']:>9}")
+    return lines

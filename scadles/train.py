@@ -160,6 +160,33 @@ def label_hist(labels: np.ndarray) -> dict[str, int]:
     return {str(int(v)): int(c) for v, c in zip(values, counts)}
 
 
+DEVICE_FIELDS = ("samples_trained", "malformed", "dropped", "truncated", "peak_buffer",
+                 "injected")
+
+
+def device_summary(comm, cfg: Config, buffer_stats: dict, steps: int,
+                   injection: dict | None) -> list[dict]:
+    """Per device: stream rate, samples trained (own stream), mean local batch, malformed
+    records, drops and the peak buffer, gathered with one allreduce."""
+    from streamsim.schedule import make_schedules
+
+    table = torch.zeros(comm.world_size, len(DEVICE_FIELDS), dtype=torch.float64,
+                        device=comm.device)
+    table[comm.rank] = torch.tensor(
+        [buffer_stats["trained"], sum(buffer_stats["malformed"].values()),
+         buffer_stats["dropped"], buffer_stats["truncated"], buffer_stats["peak_buffer_len"],
+         (injection or {}).get("injected", 0)], dtype=torch.float64)
+    comm.allreduce_(table, op="sum")
+    schedules = make_schedules(cfg.rates, cfg.world_size, cfg.seed, cfg.rate_schedule)
+    rows = []
+    for device, values in enumerate(table.tolist()):
+        row = {"device": device, "rate_per_s": schedules[device].rate_at(0.0)}
+        row.update({k: int(v) for k, v in zip(DEVICE_FIELDS, values)})
+        row["mean_local_bsz"] = row["samples_trained"] / steps if steps else 0.0
+        rows.append(row)
+    return rows
+
+
 def agree(comm, values: list[float], op: str = "sum") -> list[float]:
     """One small allreduce of a few numbers."""
     t = torch.tensor(values, dtype=torch.float64, device=comm.device)
@@ -390,7 +417,9 @@ def train(cfg: Config, comm) -> dict:
                "cnc_ratio": cnc, "compressed_steps": ex_summary.get("compressed_steps"),
                "dense_steps": ex_summary.get("dense_steps"),
                "wall_s": time.time() - wall_start, "log_dir": cfg.log_dir,
-               "buffer": buffer.stats()}
+               "buffer": buffer.stats(),
+               "devices": device_summary(comm, cfg, buffer.stats(), step,
+                                         injector.summary() if injector else None)}
     if injector is not None:
         summary["injection"] = injector.summary()
         injector.close()
