@@ -479,7 +479,8 @@ def resolve(cfg: Config) -> None:
 def default_duration_s(cfg: Config) -> float:
     """A stream long enough for the run to reach --max-steps (or --max-stream-s).
 
-    A scadles step spans at least --window-s of stream time; a ddp step at least the time
+    A scadles step spans at least --window-s of stream time and the time the slowest stream
+    takes to deliver --min-train-bsz samples; a ddp step at least the time
     the slowest stream takes to deliver --train-bsz samples; a modelled compute time may be
     longer, and a measured one on a virtual clock is guessed at up to 10 s. Half again as
     much plus 10 s covers the rest (slower steps need --duration-s). On a wall clock a long
@@ -492,7 +493,9 @@ def default_duration_s(cfg: Config) -> float:
 
     schedules = make_schedules(cfg.rates, cfg.world_size, cfg.seed, cfg.rate_schedule)
     slowest = min(min(r for _, r in s.segments) for s in schedules) or 1.0
-    step_s = cfg.window_s if cfg.mode == "scadles" else cfg.train_bsz / slowest
+    # scadles also waits for --min-train-bsz samples from the slowest stream.
+    step_s = (max(cfg.window_s, cfg.min_train_bsz / slowest) if cfg.mode == "scadles"
+              else cfg.train_bsz / slowest)
     compute = ComputeModel(cfg.compute_model)
     if compute.deterministic:
         bsz = cfg.max_train_bsz if cfg.mode == "scadles" else cfg.train_bsz

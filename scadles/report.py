@@ -22,7 +22,8 @@ Definitions (every number in the table is computed by a pure function below):
   seeds, possibly only some of them: the table then says k/n).
 - speedup: baseline time to target / run time to target (> 1: the run is faster); for a
   setting with seeds, the ratio of the mean times over the seeds that reached the target.
-- peak buffer: the largest ``buffer_len`` any device logged at any step.
+- peak buffer: the largest buffer any device held: the per-device peaks of the run summary
+  (``devices[].peak_buffer``), or else the largest ``buffer_len`` logged at any step.
 - dropped, truncated, bytes sent, injected: sums of ``dropped`` (buffer overflow),
   ``truncated`` (discarded by the truncation window; the column appears when rows carry it),
   ``bytes_sent`` and ``injected`` over all ranks and steps (bytes sent = gradient payload;
@@ -215,6 +216,16 @@ def _fraction(percent: float | None) -> float | None:
     return None if percent is None else percent / 100
 
 
+def peak_buffer(run: Run, rows: list[dict]) -> int | None:
+    """The largest buffer any device held: the run summary's per-device peaks (measured
+    before each batch is taken) when present, else the largest ``buffer_len`` logged after
+    a batch (which under truncation is often 0)."""
+    peaks = [int(d["peak_buffer"]) for d in run.summary.get("devices") or []
+             if d.get("peak_buffer") is not None]
+    logged = [int(r["buffer_len"]) for r in rows if r.get("buffer_len") is not None]
+    return max(peaks + logged, default=None)
+
+
 def summarize_run(run: Run, target: float) -> dict:
     """The table's values for one run (numbers, None where not applicable)."""
     rows = list(_rows(run.train))
@@ -234,8 +245,7 @@ def summarize_run(run: Run, target: float) -> dict:
         "final_top1": final,
         "best_top1": max(top1) if top1 else final,
         "time_to_target_s": time_to_target(run.evals, target),
-        "peak_buffer": max((int(r["buffer_len"]) for r in rows
-                            if r.get("buffer_len") is not None), default=None),
+        "peak_buffer": peak_buffer(run, rows),
         "dropped": _sum(run.train, "dropped"),
         "truncated": (_sum(run.train, "truncated")
                       if any("truncated" in r for r in rows) else None),

@@ -255,3 +255,13 @@ def test_truncated_column_only_when_logged(runs_root):
     text = report.render_markdown([ddp, plain], 0.5, "given", "ddp", plots={})
     assert "Truncated" not in text
     assert table_rows(text, "| Setting |")["ddp"][9:12] == ["100", "0", "8.00 kB"]
+
+
+def test_peak_buffer_prefers_the_summary_peaks():
+    from types import SimpleNamespace
+
+    rows = [{"buffer_len": 0}, {"buffer_len": 3}]  # truncation: logged after each batch
+    with_peaks = SimpleNamespace(summary={"devices": [{"peak_buffer": 40}, {"peak_buffer": 7}]})
+    assert report.peak_buffer(with_peaks, rows) == 40
+    assert report.peak_buffer(SimpleNamespace(summary={}), rows) == 3
+    assert report.peak_buffer(SimpleNamespace(summary={}), []) is None
