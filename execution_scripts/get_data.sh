@@ -2,10 +2,13 @@
 # Put real datasets in place: Fashion-MNIST from Debian's dataset-fashion-mnist package.
 set -euo pipefail
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
-if [ -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
-  echo "data: Fashion-MNIST present in $FMNIST_DIR"
-  exit 0
-fi
+REPO_RAW="$(cd "$(dirname "$0")/.." && pwd)/data/FashionMNIST/raw"
+for dir in "$FMNIST_DIR" "${SCADLES_DATA_DIR:-/nonexistent}/FashionMNIST/raw" "$REPO_RAW"; do
+  if compgen -G "$dir/train-images-idx3-ubyte*" >/dev/null; then
+    echo "data: Fashion-MNIST present in $dir"
+    exit 0
+  fi
+done
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
   if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi
