@@ -488,6 +488,13 @@ def _integer_ticks(ax, y=False):
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _save(plt, fig, path) -> None:
+    """Write one figure as a PNG and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _empty(ax, text):
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
     ax.set_xticks([])
@@ -528,9 +535,7 @@ def plot_accuracy(runs, target, path):
     else:
         _empty(ax, "no evaluation rows in these runs")
     ax.set_title("Accuracy against stream time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_batch_sizes(reps, path):
@@ -580,9 +585,7 @@ def plot_buffer(reps, path):
     else:
         _empty(ax, "no buffer lengths logged (or all zero)")
     ax.set_title("Buffer length per device")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_bytes(reps, path):
@@ -602,9 +605,7 @@ def plot_bytes(reps, path):
     else:
         _empty(ax, "no bytes_sent logged")
     ax.set_title("Gradient bytes sent")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_compression(reps, path):
