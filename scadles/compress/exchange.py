@@ -3,16 +3,19 @@
 Per step, on every rank i (``SparseExchanger.exchange``):
 
 1. g_l <- w_i x grad_l + residual_l for every layer l (w_i = b_i / B: the stream-rate weight
-   is applied *before* compression, so what is dropped is measured in aggregate units);
+   is applied *before* compression, so what is dropped is measured in aggregate units), in
+   one pass into a flat model-sized buffer whose views become the ``.grad``;
 2. Top-k of each layer, and the signal (``adaptive.py``) from the layer norms (the
    ``gradnorm-change`` signal needs no Top-k, so adaptive mode then selects after the vote);
 3. static mode compresses; adaptive mode allreduces one vote per rank and ``decide``s, so
    every rank takes the same path;
-4. compressed: the residual keeps what Top-k dropped; the kept values of all layers go out in
-   one buffer with their flat indices (one ``allgather_varlen``: float32 values and int32
-   indices share a width, so they travel together as int32 words; two collectives
-   otherwise), and every rank sums everyone's (values, indices) into a flat buffer and
-   copies it into ``.grad``;
+4. compressed: the kept values of all layers go out in one buffer with their flat indices
+   (one ``allgather_varlen``: float32 values and int32 indices share a width, so they travel
+   together as int32 words; two collectives otherwise); g itself, with the sent entries
+   taken out (k writes), becomes the residual; every rank sums everyone's (values, indices)
+   into a second flat buffer, whose views become the ``.grad``. The two buffers swap roles
+   every sparse step, so a step makes no model-sized copy or allocation beyond the weighting
+   pass and one ``zero_``;
    dense: the residual rides along in g, the memory is cleared and g is sum-allreduced
    (``aggregate.weighted_allreduce_``).
 
@@ -33,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from scadles.aggregate import unflatten_into, weighted_allreduce_
+from scadles.aggregate import weighted_allreduce_
 from scadles.compress import COMPRESSORS, CompressionState
 from scadles.compress.adaptive import StepNorms, decide, make_signal, vote
 from scadles.compress.memory import NoMemory, ResidualMemory
@@ -68,7 +71,15 @@ class SparseExchanger:
         self.memory = memory
         self.signal = make_signal(state)
         self.bucket_cap_mb = bucket_cap_mb
-        self._dense: torch.Tensor | None = None  # receive buffer, one model's worth
+        # Two flat model-sized buffers that swap roles every sparse step: the gradients
+        # are weighted and compensated in one (which then keeps what Top-k left out, as the
+        # residuals), the sum of all ranks arrives in the other (whose views become the
+        # .grad, so the next backward accumulates straight into it). No model-sized copy
+        # or allocation per step.
+        self._buffers: list[torch.Tensor] = []
+        self._layout: list | None = None
+        self._offsets: list[int] = []
+        self._grad_buffer = 0
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -81,21 +92,15 @@ class SparseExchanger:
         if not named_params:
             raise ValueError("exchange needs at least one parameter")
         started = time.perf_counter()
-        for _, p in named_params:
-            if p.grad is None:  # a rank with an empty batch: zeros, weight 0
-                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            elif not p.grad.is_contiguous():
-                p.grad = p.grad.contiguous()
-        grads = [p.grad for _, p in named_params]
+        # 1: w_i x grad + residual, in one pass, into this step's gradient buffer; every
+        # .grad becomes a view of it (in place when it already is one).
+        grads = self._weigh_into_buffer(named_params, weight)
         grad_norm = None
         if self.signal.needs_grad_norm:
             grad_norm = math.sqrt(float(torch.stack([_sq_norm(g) for g in grads]).sum()))
 
-        # 1-2: weight and compensate in .grad itself (it is overwritten below); select now
-        # when the step will surely be sparse or the signal needs what Top-k keeps.
-        for (name, _), g in zip(named_params, grads):
-            g.mul_(weight)
-            self.memory.compensate_(g, name)
+        # 2: select now when the step will surely be sparse or the signal needs what Top-k
+        # keeps.
         payloads = None
         layer_sq: list[float] = []
         kept_sq: list[float] = []
@@ -144,26 +149,80 @@ class SparseExchanger:
             stats["votes"] = votes
         return stats
 
+    # -- the two model-sized buffers --------------------------------------------------------
+
+    def _ensure_buffers(self, named_params) -> list[int]:
+        """Offsets of every parameter in the flat buffers (allocated on first use and again
+        when the parameters change)."""
+        params = [p for _, p in named_params]
+        layout = [(p.shape, p.dtype, p.device) for p in params]
+        if layout != self._layout:
+            dtypes = {p.dtype for p in params}
+            devices = {p.device for p in params}
+            if len(dtypes) != 1 or len(devices) != 1:
+                raise ValueError(f"compressed exchange needs parameters of one dtype on one "
+                                 f"device, got dtypes {sorted(map(str, dtypes))} on "
+                                 f"{sorted(map(str, devices))}")
+            total = sum(p.numel() for p in params)
+            self._buffers = [torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
+                             for _ in range(2)]
+            self._layout = layout
+            offsets = [0]
+            for p in params:
+                offsets.append(offsets[-1] + p.numel())
+            self._offsets = offsets
+        return self._offsets
+
+    def _views(self, buffer: torch.Tensor, named_params, offsets) -> list[torch.Tensor]:
+        return [buffer[start:start + p.numel()].view_as(p)
+                for (_, p), start in zip(named_params, offsets)]
+
+    def _holds_grads(self, index: int, named_params, offsets) -> bool:
+        """Whether every ``.grad`` is already the view of buffer ``index`` at its offset."""
+        buffer = self._buffers[index]
+        base, item = buffer.data_ptr(), buffer.element_size()
+        for (_, p), start in zip(named_params, offsets):
+            g = p.grad
+            if (g is None or g.data_ptr() != base + start * item or g.shape != p.shape
+                    or not g.is_contiguous()):
+                return False
+        return True
+
+    def _weigh_into_buffer(self, named_params, weight: float) -> list[torch.Tensor]:
+        """Step 1: every ``.grad`` becomes w x grad + residual, as a view of the buffer it
+        already is a view of (in place), else of buffer 0. The residuals, when they are views
+        of a buffer, are views of that one (then added into themselves: still one pass) or
+        of the other, which the sum overwrites only after they were added here."""
+        offsets = self._ensure_buffers(named_params)
+        index = 1 if self._holds_grads(1, named_params, offsets) else 0
+        self._grad_buffer = index
+        views = self._views(self._buffers[index], named_params, offsets)
+        for (name, p), view in zip(named_params, views):
+            self.memory.compensate_into_(view, p.grad, weight, name)
+            if p.grad is not view:
+                p.grad = view
+        return views
+
     def _compress(self, named_params) -> list:
         return [self.compressor.compress(p.grad, name) for name, p in named_params]
 
     def _sparse_exchange(self, named_params, payloads) -> tuple[int, int, float]:
-        """Residuals, one allgather of every layer's (values, flat indices), sum into .grad.
-        Returns (bytes sent, values sent, seconds spent outside the collective)."""
+        """One allgather of every layer's (values, flat indices); the gradient buffer keeps
+        what was not sent as the new residuals; the other buffer receives the sum and every
+        ``.grad`` becomes a view of it. Returns (bytes sent, values sent, seconds spent
+        outside the collective)."""
         started = time.perf_counter()
-        grads = [p.grad for _, p in named_params]
-        starts = [0]
-        for g in grads:
-            starts.append(starts[-1] + g.numel())
-        flat_index = index_dtype(starts[-1])
+        offsets = self._offsets
+        flat_index = index_dtype(offsets[-1])
         values, indices = [], []
-        for (name, _), g, start, (payload, ctx) in zip(named_params, grads, starts, payloads):
-            self.memory.update(g, name, self.compressor, payload, ctx)
+        for start, (payload, _) in zip(offsets, payloads):
             layer_values, layer_indices = payload
             values.append(layer_values)
             indices.append(layer_indices.to(flat_index) + start)
-        values = torch.cat(values)
+        values = torch.cat(values)  # a copy: the payloads may alias the gradients
         indices = torch.cat(indices)
+        for (name, p), (payload, ctx) in zip(named_params, payloads):
+            self.memory.absorb_(p.grad, name, self.compressor, payload, ctx)
         bytes_sent = (values.numel() * values.element_size()
                       + indices.numel() * indices.element_size())
         spent_s = time.perf_counter() - started
@@ -179,16 +238,15 @@ class SparseExchanger:
             pieces = list(zip(self.comm.allgather_varlen(values),
                               self.comm.allgather_varlen(indices)))
 
-        # Sum every rank's entries into one flat buffer (kept between steps: allocating a
-        # model-sized tensor every step costs more than filling it), then into .grad.
+        # Sum every rank's entries into the other buffer (its old residuals were added to
+        # the gradients in step 1), whose views become the .grad.
         started = time.perf_counter()
-        if (self._dense is None or self._dense.numel() != starts[-1]
-                or self._dense.dtype != values.dtype or self._dense.device != values.device):
-            self._dense = torch.empty(starts[-1], dtype=values.dtype, device=values.device)
-        dense = self._dense.zero_()
+        receive = 1 - self._grad_buffer
+        dense = self._buffers[receive].zero_()
         for rank_values, rank_indices in pieces:
             dense.index_add_(0, rank_indices, rank_values)
-        unflatten_into(dense, [p for _, p in named_params])
+        for (_, p), view in zip(named_params, self._views(dense, named_params, offsets)):
+            p.grad = view
         spent_s += time.perf_counter() - started
         return bytes_sent, values.numel(), spent_s
 

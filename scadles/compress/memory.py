@@ -26,6 +26,24 @@ class ResidualMemory:
             tensor.add_(residual)
         return tensor
 
+    def compensate_into_(self, out: torch.Tensor, grad: torch.Tensor | None, weight: float,
+                         name: str) -> torch.Tensor:
+        """``out = weight x grad + residual`` in one pass (``out`` may be ``grad`` itself;
+        ``grad`` None counts as zeros); returns ``out``."""
+        residual = self.residuals.get(name)
+        if grad is None:
+            return out.copy_(residual) if residual is not None else out.zero_()
+        if residual is None:
+            return torch.mul(grad, weight, out=out)
+        return torch.add(residual, grad, alpha=weight, out=out)
+
+    def absorb_(self, tensor: torch.Tensor, name: str, compressor, payload, ctx) -> None:
+        """Like ``update``, but ``tensor`` becomes the residual itself: what the payload
+        carries is taken out of it in place (k entries, no copy). The caller hands
+        ``tensor`` over and must not use it afterwards, nor a payload that aliases it."""
+        compressor.decompress_add_(tensor, payload, ctx, alpha=-1.0)
+        self.residuals[name] = tensor
+
     def update(self, tensor: torch.Tensor, name: str, compressor, payload, ctx) -> None:
         """Remember what of ``tensor`` the compressed ``payload`` does not carry:
         tensor − decompress(payload), in the residual's buffer from the last step when there
@@ -58,6 +76,13 @@ class NoMemory:
 
     def compensate_(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return tensor
+
+    def compensate_into_(self, out: torch.Tensor, grad: torch.Tensor | None, weight: float,
+                         name: str) -> torch.Tensor:
+        return out.zero_() if grad is None else torch.mul(grad, weight, out=out)
+
+    def absorb_(self, tensor: torch.Tensor, name: str, compressor, payload, ctx) -> None:
+        pass
 
     def update(self, tensor: torch.Tensor, name: str, compressor, payload, ctx) -> None:
         pass

@@ -178,6 +178,55 @@ def test_error_feedback_is_exact_over_mixed_dense_and_sparse_steps():
     assert summary["cnc_ratio"] == 2.0 and summary["switches"] == 4
 
 
+def test_error_feedback_stays_exact_when_backward_accumulates_into_the_grad_buffers():
+    """The trainer's loop: zero_grad(set_to_none=False), then backward adds into the .grad
+    the exchanger left (a view of one of its two swapping buffers)."""
+    shapes = [(300, 500), (64,), (7, 9)]  # the first layer takes the sampled selection
+    params = named(*shapes)
+    ex = make_exchanger(OneRankComm(), compression="adaptive", compression_ratio=0.05,
+                        adaptive_signal="paper", ewma_alpha=1.0, delta_threshold=0.3)
+    kinds = ["spiky", "spiky", "flat", "spiky", "spiky", "flat", "spiky"]
+    gen = torch.Generator().manual_seed(11)
+    true_sum = [torch.zeros(s) for s in shapes]
+    sent_sum = [torch.zeros(s) for s in shapes]
+    seen, homes = [], set()
+    for step, kind in enumerate(kinds):
+        weight = 0.5 + 0.25 * (step % 2)
+        for (_, p), s, t in zip(params, shapes, true_sum):
+            n = math.prod(s)
+            g = (spiky(n, gen) if kind == "spiky" else flat_spread(n, gen)).view(s)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:  # zero_grad(set_to_none=False) + backward
+                p.grad.zero_()
+                p.grad.add_(g)
+            t.add_(weight * g)
+        stats = ex.exchange(params, weight, step)
+        seen.append(stats["compressed"])
+        homes.add(params[0][1].grad.data_ptr())
+        for (name, p), acc in zip(params, sent_sum):
+            residual = ex.memory.residuals.get(name)
+            if residual is not None:  # the residual never shares memory with the .grad
+                assert residual.data_ptr() != p.grad.data_ptr()
+            acc.add_(p.grad)
+    assert seen == [kind == "spiky" for kind in kinds]
+    assert homes == {b.data_ptr() for b in ex._buffers}  # two buffers, nothing allocated
+    for (name, _), t, sent in zip(params, true_sum, sent_sum):
+        residual = ex.memory.residuals.get(name, torch.zeros_like(t))
+        torch.testing.assert_close(sent + residual, t, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_payload_matches_torch_topk_for_every_cpu_dtype(dtype):
+    x = torch.randn(400, 700, generator=torch.Generator().manual_seed(12)).to(dtype)
+    (values, indices), (numel, shape) = TopKCompressor(0.02).compress(x, "w")
+    assert indices.dtype == torch.int32 and values.dtype == dtype
+    assert (numel, shape) == (x.numel(), x.shape)
+    expected = torch.topk(x.reshape(-1).abs(), topk_k(x.numel(), 0.02)).indices
+    assert sorted(indices.tolist()) == sorted(expected.tolist())
+    torch.testing.assert_close(values, x.reshape(-1)[indices.long()], rtol=0, atol=0)
+
+
 def test_dense_step_sends_the_residual_and_clears_it():
     params = named((100,))
     ex = make_exchanger(OneRankComm(), compression="adaptive", compression_ratio=0.1,
