@@ -221,8 +221,12 @@ class SparseExchanger:
             indices.append(layer_indices.to(flat_index) + start)
         values = torch.cat(values)  # a copy: the payloads may alias the gradients
         indices = torch.cat(indices)
-        for (name, p), (payload, ctx) in zip(named_params, payloads):
-            self.memory.absorb_(p.grad, name, self.compressor, payload, ctx)
+        if not isinstance(self.memory, NoMemory):
+            # Error feedback: what was sent leaves the gradient buffer (k writes, one call),
+            # and what stays is the residual.
+            self._buffers[self._grad_buffer].index_add_(0, indices, values, alpha=-1.0)
+            for name, p in named_params:
+                self.memory.adopt_(name, p.grad)
         bytes_sent = (values.numel() * values.element_size()
                       + indices.numel() * indices.element_size())
         spent_s = time.perf_counter() - started

@@ -37,11 +37,9 @@ class ResidualMemory:
             return torch.mul(grad, weight, out=out)
         return torch.add(residual, grad, alpha=weight, out=out)
 
-    def absorb_(self, tensor: torch.Tensor, name: str, compressor, payload, ctx) -> None:
-        """Like ``update``, but ``tensor`` becomes the residual itself: what the payload
-        carries is taken out of it in place (k entries, no copy). The caller hands
-        ``tensor`` over and must not use it afterwards, nor a payload that aliases it."""
-        compressor.decompress_add_(tensor, payload, ctx, alpha=-1.0)
+    def adopt_(self, name: str, tensor: torch.Tensor) -> None:
+        """``tensor`` already holds what the compressed payload did not carry (the caller
+        took the sent part out in place): it becomes the residual of ``name``, no copy."""
         self.residuals[name] = tensor
 
     def update(self, tensor: torch.Tensor, name: str, compressor, payload, ctx) -> None:
@@ -81,7 +79,7 @@ class NoMemory:
                          name: str) -> torch.Tensor:
         return out.zero_() if grad is None else torch.mul(grad, weight, out=out)
 
-    def absorb_(self, tensor: torch.Tensor, name: str, compressor, payload, ctx) -> None:
+    def adopt_(self, name: str, tensor: torch.Tensor) -> None:
         pass
 
     def update(self, tensor: torch.Tensor, name: str, compressor, payload, ctx) -> None:
