@@ -232,6 +232,8 @@ def format_summary(summary: dict) -> str:
         f"{pct(summary['best_top1'])}, final top5 {pct(summary.get('final_top5'))}",
         f"bytes sent     {summary['bytes_sent_total']:,} (all ranks), CNC ratio "
         f"{cnc_text}",
+    ] + ([f"note           {summary['compression_hint']}"]
+         if summary.get("compression_hint") else []) + [
         f"wall time      {summary['wall_s']:.1f} s",
         f"logs           {summary['log_dir']}",
     ] + format_devices(summary.get("devices") or []))

@@ -416,6 +416,7 @@ def train(cfg: Config, comm) -> dict:
                "best_top1": best_top1, "bytes_sent_total": bytes_sent_total,
                "cnc_ratio": cnc, "compressed_steps": ex_summary.get("compressed_steps"),
                "dense_steps": ex_summary.get("dense_steps"),
+               "compression_hint": ex_summary.get("hint"),
                "wall_s": time.time() - wall_start, "log_dir": cfg.log_dir,
                "buffer": buffer.stats(),
                "devices": device_summary(comm, cfg, buffer.stats(), step,

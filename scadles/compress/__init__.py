@@ -61,6 +61,8 @@ class CompressionState:
     floats_sent_total: int = field(default=0, init=False)
     compress_s_total: float = field(default=0.0, init=False)
     last_compressed: bool | None = field(default=None, init=False)
+    signal_min: float | None = field(default=None, init=False)  # this rank's, finite ones
+    signal_max: float | None = field(default=None, init=False)
 
     def __post_init__(self):
         def bad(setting: str, value, expected: str):
@@ -110,8 +112,12 @@ class CompressionState:
         return text
 
     def record(self, compressed: bool, bytes_sent: int, floats_sent: int,
-               compress_s: float) -> bool:
-        """Count one step; returns whether the choice differs from the previous step's."""
+               compress_s: float, signal: float | None = None) -> bool:
+        """Count one step (``signal``: this rank's, when it has one); returns whether the
+        choice differs from the previous step's."""
+        if signal is not None and math.isfinite(signal):
+            self.signal_min = signal if self.signal_min is None else min(self.signal_min, signal)
+            self.signal_max = signal if self.signal_max is None else max(self.signal_max, signal)
         switched = self.last_compressed is not None and compressed != self.last_compressed
         self.steps += 1
         self.compressed_steps += int(compressed)
@@ -132,7 +138,25 @@ class CompressionState:
                               if self.dense_steps else None),
                 "switches": self.switches, "bytes_sent_total": self.bytes_sent_total,
                 "floats_sent_total": self.floats_sent_total,
-                "compress_s_total": self.compress_s_total}
+                "compress_s_total": self.compress_s_total,
+                "signal_min": self.signal_min, "signal_max": self.signal_max,
+                "hint": self.hint()}
+
+    def hint(self) -> str | None:
+        """One line for the run summary when adaptive mode never took one of its two paths
+        on a threshold signal: the range the signal covered, and what to change."""
+        if (self.compression != "adaptive" or self.adaptive_signal == "gradnorm-change"
+                or not self.steps or self.signal_min is None):
+            return None
+        seen = (f"rank 0's {self.adaptive_signal} signal ranged {self.signal_min:.3g} to "
+                f"{self.signal_max:.3g} against --delta-threshold {self.delta_threshold:g}")
+        if not self.compressed_steps:
+            return (f"adaptive compression never compressed: {seen}; to compress outside "
+                    "critical regions raise --delta-threshold or --compression-ratio")
+        if not self.dense_steps:
+            return (f"adaptive compression never sent dense gradients: {seen}; to send dense "
+                    "ones in critical regions lower --delta-threshold")
+        return None
 
     def counters(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.init}

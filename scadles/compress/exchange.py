@@ -136,7 +136,7 @@ class SparseExchanger:
                                              self.bucket_cap_mb)
             floats_sent = numel
 
-        switched = self.state.record(compressed, bytes_sent, floats_sent, compress_s)
+        switched = self.state.record(compressed, bytes_sent, floats_sent, compress_s, signal)
         if switched and self.comm.rank == 0:
             log.info("step %d: %s -> %s (signal %s, %s of %d ranks voted to compress)", step,
                      "dense" if compressed else "compressed",

@@ -73,3 +73,14 @@ def test_checkpoint_latest_is_always_complete(tmp_path):
     checkpoint.atomic_save({"offset": 1}, checkpoint.step_dir(tmp_path, 12) / "rank-1.pt")
     assert checkpoint.latest(tmp_path).name == "step-00000009"
     assert not list((tmp_path / "checkpoints").rglob("*.tmp"))
+
+
+def test_run_summary_shows_the_compression_hint_only_when_there_is_one():
+    summary = {"steps": 5, "stream_s": 5.0, "samples": 320, "final_top1": 50.0,
+               "best_top1": 55.0, "final_top5": 90.0, "bytes_sent_total": 1000,
+               "cnc_ratio": None, "compressed_steps": 0, "dense_steps": 5, "wall_s": 1.0,
+               "log_dir": "/tmp/x"}
+    text = metrics.format_summary(dict(summary, compression_hint="adaptive compression never"
+                                                                 " compressed: raise it"))
+    assert "note           adaptive compression never compressed: raise it" in text.splitlines()
+    assert "note" not in metrics.format_summary(summary)

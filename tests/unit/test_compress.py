@@ -293,6 +293,31 @@ def test_checkpoint_resume_continues_exactly():
         other.load_state_dict(saved)
 
 
+def test_summary_hints_when_adaptive_mode_never_takes_one_path():
+    params = named((200,))
+    gen = torch.Generator().manual_seed(21)
+    never = make_exchanger(OneRankComm(), compression="adaptive", compression_ratio=0.1,
+                           ewma_alpha=1.0, delta_threshold=0.05)
+    for step in range(3):  # equal magnitudes: Top-10% drops 90% of the energy
+        params[0][1].grad = flat_spread(200, gen)
+        assert not never.exchange(params, 1.0, step)["compressed"]
+    summary = never.summary()
+    assert summary["signal_min"] == pytest.approx(0.9) == summary["signal_max"]
+    assert summary["hint"].startswith("adaptive compression never compressed: rank 0's paper "
+                                      "signal ranged 0.9 to 0.9 against --delta-threshold 0.05")
+    always = make_exchanger(OneRankComm(), compression="adaptive", compression_ratio=0.1,
+                            ewma_alpha=1.0, delta_threshold=0.95)
+    params[0][1].grad = flat_spread(200, gen)
+    always.exchange(params, 1.0, 0)
+    assert "never sent dense gradients" in always.summary()["hint"]
+    params[0][1].grad = spiky(200, gen)
+    never.exchange(params, 1.0, 3)  # both paths taken now: no hint
+    assert never.summary()["hint"] is None
+    static = make_exchanger(OneRankComm(), compression="static", compression_ratio=0.1)
+    static.exchange(params, 1.0, 0)
+    assert static.summary()["hint"] is None
+
+
 # -- signals and the vote (pure) ----------------------------------------------------------------
 
 def test_energy_loss_and_summed_norm_loss_on_known_values():
