@@ -21,7 +21,9 @@ Definitions (every number in the table is computed by a pure function below):
   settings (mean over seeds), rounded down to 0.01, so that every setting reaches it (with
   seeds, possibly only some of them: the table then says k/n).
 - speedup: baseline time to target / run time to target (> 1: the run is faster); for a
-  setting with seeds, the ratio of the mean times over the seeds that reached the target.
+  setting with seeds, the ratio of the mean times over the seeds that reached the target; for
+  one run of several (the "Runs" table), against the baseline run with the same seed when
+  the baseline has one run per seed, else against the baseline's mean.
 - peak buffer: the largest buffer any device held: the per-device peaks of the run summary
   (``devices[].peak_buffer``), or else the largest ``buffer_len`` logged at any step.
 - dropped, truncated, bytes sent, injected: sums of ``dropped`` (buffer overflow),
@@ -357,8 +359,13 @@ def render_markdown(runs: list[Run], target: float | None, target_note: str,
     per_run = {run.name: summarize_run(run, target if target is not None else math.inf)
                for run in runs}
     base_time = None
+    base_by_seed: dict = {}  # a run's speedup is against the baseline run of its seed
     if baseline is not None:
         base_time = mean_sd([per_run[r.name]["time_to_target_s"] for r in groups[baseline]])[0]
+        seeds = [per_run[r.name]["seed"] for r in groups[baseline]]
+        if None not in seeds and len(set(seeds)) == len(seeds):
+            base_by_seed = {per_run[r.name]["seed"]: per_run[r.name]["time_to_target_s"]
+                            for r in groups[baseline]}
     target_label = "n/a" if target is None else f"{100 * target:.1f}%"
     lines = ["# ScaDLES run report", ""]
     lines.append(f"Target top-1: **{target_label}** ({target_note}). Baseline for speedup: "
@@ -393,7 +400,8 @@ def render_markdown(runs: list[Run], target: float | None, target_note: str,
               "Seeds: runs named alike apart from a `-seedN` suffix; their values are "
               "mean ± sample sd, with (k/n) where only k of n seeds have a value. "
               "Time to target: stream seconds at the first evaluation with top-1 >= target. "
-              "Speedup: baseline time to target / this time (ratio of the seed means). "
+              "Speedup: baseline time to target / this time (settings: ratio of the seed means; "
+              "runs: against the baseline run with the same seed). "
               "Peak buffer: largest buffer any device held at a step. Dropped (buffer overflow), "
               "truncated (outside the truncation window), bytes sent (gradient payload) and "
               "injected: summed over ranks and steps. CNC ratio: "
@@ -412,7 +420,8 @@ def render_markdown(runs: list[Run], target: float | None, target_note: str,
                 _pct(s["final_top1"]), _pct(s["best_top1"]),
                 "not reached" if s["time_to_target_s"] is None
                 else _num(s["time_to_target_s"], 1),
-                _speedup_text(speedup(base_time, s["time_to_target_s"])),
+                _speedup_text(speedup(base_by_seed.get(s["seed"], base_time),
+                                      s["time_to_target_s"])),
                 _count(s["peak_buffer"]), _count(s["dropped"]),
                 *([_count(s["truncated"])] if truncation else []), _bytes(s["bytes_sent"]),
                 _cnc_text(s["cnc_ratio"]), _count(s["injected"])]) + " |")

@@ -265,3 +265,22 @@ def test_peak_buffer_prefers_the_summary_peaks():
     assert report.peak_buffer(with_peaks, rows) == 40
     assert report.peak_buffer(SimpleNamespace(summary={}), rows) == 3
     assert report.peak_buffer(SimpleNamespace(summary={}), []) is None
+
+
+def test_runs_table_pairs_each_run_with_the_baseline_run_of_its_seed(runs_root, tmp_path):
+    # A second ddp seed that reaches 50% at 12 s (seed 0: 8 s): the setting mean is 10 s.
+    write_run(runs_root, "ddp-seed1", {"mode": "ddp", "seed": 1, "world_size": 2,
+                                       "rates": [10, 40]}, [
+        train_rows([2, 4, 6, 8], 64, [70, 80, 90, 100], [0, 0, 0, 0], [1000] * 4),
+        train_rows([2, 4, 6, 8], 64, [10, 20, 30, 40], [0, 0, 0, 0], [1000] * 4),
+    ], evals=[{"step": 2, "clock_s": 6.0, "samples": 100, "loss": 1.5, "top1": 30, "top5": 70},
+              {"step": 4, "clock_s": 12.0, "samples": 100, "loss": 1.0, "top1": 60,
+               "top5": 90}])
+    runs = [report.load_run(runs_root / n)
+            for n in ("ddp", "ddp-seed1", "scadles-seed0", "scadles-seed1")]
+    text = report.render_markdown(runs, 0.5, "given", "ddp", plots={})
+    runs_table = table_rows(text, "| Run | Seed |")
+    assert runs_table["scadles-seed0"][4:6] == ["4.0", "2.00x"]   # 8 s / 4 s, seed 0's
+    assert runs_table["scadles-seed1"][4:6] == ["2.0", "6.00x"]   # 12 s / 2 s, seed 1's
+    assert runs_table["ddp-seed1"][4:6] == ["12.0", "1.00x"]
+    assert table_rows(text, "| Setting |")["scadles"][8] == "3.33x"  # 10 s / 3 s: the means
