@@ -214,13 +214,27 @@ class SparseExchanger:
         started = time.perf_counter()
         offsets = self._offsets
         flat_index = index_dtype(offsets[-1])
-        values, indices = [], []
+        value_dtype = payloads[0][0][0].dtype
+        total = sum(payload[0].numel() for payload, _ in payloads)
+        # One buffer for everything sent, filled layer by layer (a copy: the payloads may
+        # alias the gradients). float32 values and int32 indices share a width, so they
+        # travel as one run of integer words, the values' bits first; two buffers otherwise.
+        shared = torch.empty((), dtype=value_dtype).element_size() == \
+            torch.empty((), dtype=flat_index).element_size()
+        device = self._buffers[0].device
+        if shared:
+            words = torch.empty(2 * total, dtype=flat_index, device=device)
+            values, indices = words[:total].view(value_dtype), words[total:]
+        else:
+            values = torch.empty(total, dtype=value_dtype, device=device)
+            indices = torch.empty(total, dtype=flat_index, device=device)
+        at = 0
         for start, (payload, _) in zip(offsets, payloads):
             layer_values, layer_indices = payload
-            values.append(layer_values)
-            indices.append(layer_indices.to(flat_index) + start)
-        values = torch.cat(values)  # a copy: the payloads may alias the gradients
-        indices = torch.cat(indices)
+            n = layer_values.numel()
+            values[at:at + n].copy_(layer_values)
+            torch.add(layer_indices, start, out=indices[at:at + n])
+            at += n
         if not isinstance(self.memory, NoMemory):
             # Error feedback: what was sent leaves the gradient buffer (k writes, one call),
             # and what stays is the residual.
@@ -231,13 +245,11 @@ class SparseExchanger:
                       + indices.numel() * indices.element_size())
         spent_s = time.perf_counter() - started
 
-        if values.element_size() == indices.element_size():
-            # One collective: the values' bits travel as integers beside the indices.
-            words = torch.cat([values.view(indices.dtype), indices])
+        if shared:
             pieces = []
             for got in self.comm.allgather_varlen(words):
                 half = got.numel() // 2
-                pieces.append((got[:half].view(values.dtype), got[half:]))
+                pieces.append((got[:half].view(value_dtype), got[half:]))
         else:
             pieces = list(zip(self.comm.allgather_varlen(values),
                               self.comm.allgather_varlen(indices)))
