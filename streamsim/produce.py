@@ -3,7 +3,8 @@
 One record per sample (``streamsim.record.encode``) on topic ``<prefix><device>``; the record
 timestamp is the sample's event time, ``start_time_s + offset_s`` (realtime: wall time at
 start or ``--start-time``; virtual: ``record.VIRTUAL_EPOCH_S``). The offsets come from each
-device's ``DeviceStream``; all devices' items are merged by event time and sent when due.
+device's ``DeviceStream``; all devices' items are merged by event time (``merged_blocks``),
+encoded in bulk (``record.encode_many``, a chunk at a time) and sent when due.
 
 Pacing is by deadline: ``realtime`` sleeps until the next item's event time, then sends
 everything due (never a sleep per message, so no drift however long it runs; at most one
@@ -19,7 +20,7 @@ topic. ``--workers K`` splits the devices over K processes for high aggregate ra
 from __future__ import annotations
 
 import argparse
-import heapq
+import bisect
 import json
 import math
 import multiprocessing as mp
@@ -38,16 +39,27 @@ from streamsim import record
 
 PACES = ("realtime", "virtual")
 DEFAULT_TOPIC_PREFIX = "trainer-"
-PRODUCER_CONFIG = {
+PRODUCER_CONFIG = {  # the base (scadles.inject uses it as is); PACE_PRODUCER_CONFIG on top
     "acks": 1,
     "enable_idempotence": False,  # needs acks=all; order is kept by one request in flight
     "max_in_flight_requests_per_connection": 1,  # a retried batch never overtakes a later one
     "retries": 3,
-    "linger_ms": 5,  # small: realtime records reach consumers within ~5 ms
+    "linger_ms": 5,
     "batch_size": 1 << 20,
     "max_request_size": 8 << 20,
     "compression_type": None,
     "allow_auto_create_topics": False,
+}
+# Per pace, on top of PRODUCER_CONFIG (measured on Tansu 0.6, see benchmarks/bench_streams.py):
+# - realtime: Tansu keeps one object per batch and every fetch walks a partition's objects,
+#   so its CPU per record grows with the batches stored; a 50 ms linger makes ~10x fewer
+#   batches than 5 ms at high rates (broker 38 -> 27 us/record at 4x S2, consumers on every
+#   topic) for ~50 ms more latency (p99 still ~150 ms).
+# - virtual: 4 MB batches, so one request in flight carries more (fewer round trips, less
+#   per-batch work in all three processes); latency does not matter there.
+PACE_PRODUCER_CONFIG = {
+    "realtime": {"linger_ms": 50},
+    "virtual": {"batch_size": 4 << 20, "linger_ms": 20},
 }
 # Aggregate bytes/s one producer process sustains comfortably on a shared 2-core machine
 # (measured ~57,000 x 3 KB records/s flat out); above it --workers defaults to 2 or more.
@@ -58,6 +70,12 @@ PACE_QUANTUM_S = 0.002
 # Unacknowledged bytes one producer holds before it waits for the broker (kafka-python 3 has
 # no buffer_memory bound: a virtual stream would otherwise queue without limit).
 MAX_PENDING_BYTES = 64 << 20
+# Items encoded at once (numpy, one chunk of the merged streams); realtime also cuts a chunk
+# at this much stream time, so it never encodes far ahead of the records due.
+VIRTUAL_CHUNK = 2048
+REALTIME_CHUNK = 1024
+REALTIME_CHUNK_SPAN_S = 0.05
+REALTIME_GROUP = 64
 _LAG_BINS_MS = 1000  # send-lag histogram: 1 ms bins, the last one holds everything later
 
 
@@ -98,24 +116,84 @@ def default_workers(streams: Sequence, duration_s: float, sample_bytes: int) -> 
     return max(1, min(need, os.cpu_count() or 1, 4, len(streams)))
 
 
-def _merged_items(streams: Sequence, duration_s: float) -> Iterator[tuple[float, int, int, int]]:
-    """All devices' ``(offset_s, slot, seq, dataset_index)`` in event-time order."""
-    def items(slot, stream):
-        for seq, offset_s, index in stream.until(duration_s):
-            yield offset_s, slot, seq, index
+def _chunks(streams: Sequence, dataset, duration_s: float, start_ms: float, max_items: int,
+            max_span_s: float) -> Iterator[tuple[list, list, list, list]]:
+    """All devices' items in event-time order, encoded in bulk: chunks of at most
+    ``max_items`` items spanning at most ``max_span_s`` of stream time, each as lists
+    ``(offsets_s, slots, timestamps_ms, values)`` (a value is a memoryview of one record)."""
+    from streamsim.stream import merged_blocks
 
-    return heapq.merge(*(items(slot, s) for slot, s in enumerate(streams)))
+    devices = np.array([s.device for s in streams], dtype=np.int64)
+    labels = dataset.labels
+    for offsets, slots, seqs, indices in merged_blocks(streams, duration_s):
+        lo, n = 0, len(offsets)
+        while lo < n:
+            hi = min(n, lo + max_items)
+            if offsets[hi - 1] - offsets[lo] > max_span_s:  # realtime: only what is due soon
+                hi = max(lo + 1, int(np.searchsorted(offsets, offsets[lo] + max_span_s,
+                                                     side="right")))
+                hi = min(hi, lo + max_items)
+            idx = indices[lo:hi]
+            values = record.encode_many(devices[slots[lo:hi]], seqs[lo:hi], labels[idx],
+                                        dataset.batch_pixels(idx))
+            size = values.shape[1]
+            flat = memoryview(values.reshape(-1))
+            yield (offsets[lo:hi].tolist(), slots[lo:hi].tolist(),
+                   event_ms(start_ms, offsets[lo:hi]).tolist(),
+                   [flat[k:k + size] for k in range(0, len(flat), size)])
+            lo = hi
 
 
-def _make_producer(bootstrap: str, producer_config: dict | None):
+def _make_producer(bootstrap: str, producer_config: dict | None, pace: str = "realtime",
+                   topics: Sequence[str] = ()):
+    """A connected KafkaProducer configured for ``pace``, its metadata narrowed to ``topics``
+    (before the stream starts: it takes a round trip)."""
     from kafka import KafkaProducer
 
     from streamsim.broker import _quiet_kafka_logs
 
-    config = {**PRODUCER_CONFIG, **(producer_config or {})}
+    config = {**PRODUCER_CONFIG, **PACE_PRODUCER_CONFIG.get(pace, {}), **(producer_config or {})}
     with _quiet_kafka_logs():
-        return KafkaProducer(bootstrap_servers=bootstrap, bootstrap_timeout_ms=10_000,
-                             **config)
+        producer = KafkaProducer(bootstrap_servers=bootstrap, bootstrap_timeout_ms=10_000,
+                                 **config)
+    if topics:
+        _track_only(producer, list(topics))
+    return producer
+
+
+def _track_only(producer, topics: list[str], timeout_s: float = 2.0) -> None:
+    """Narrow the producer's metadata to ``topics`` (best effort, on kafka-python internals).
+
+    kafka-python checks each send's topic against a set it rebuilds per send from every topic
+    in its metadata, and a producer bootstraps with all the broker's topics: on a long-lived
+    broker (hundreds of topics from earlier runs) that costs more per record than the rest of
+    the send (7 us with 138 topics). A metadata update for just our topics replaces the map."""
+    metadata = getattr(producer, "_metadata", None)
+    try:
+        if metadata is None or len(metadata.topics()) <= len(set(topics)):
+            return
+        future = metadata.set_topics(list(topics))
+        wakeup = getattr(getattr(producer, "_sender", None), "wakeup", None)
+        if wakeup is not None:
+            wakeup()
+        deadline = time.monotonic() + timeout_s
+        while not future.is_done and time.monotonic() < deadline:
+            time.sleep(0.005)
+    except Exception:  # an optimisation only: the producer works either way
+        pass
+
+
+def _pending_limit(producer, pace: str, record_bytes: int) -> int:
+    """Unacknowledged records before the producer waits for the broker. Virtual pace: two
+    batches (one in flight, one filling): a producer further ahead gains nothing, and
+    kafka-python then wakes its I/O thread on every send (one more queued batch per
+    partition), a CPU storm. Realtime: ``MAX_PENDING_BYTES`` (it only matters when the broker
+    stalls)."""
+    if pace == "virtual":
+        batch_size = int(getattr(producer, "config", {}).get("batch_size", 0) or 0)
+        if batch_size >= record_bytes:
+            return max(2, 2 * (batch_size // (record_bytes + 16)))
+    return max(1000, MAX_PENDING_BYTES // record_bytes)
 
 
 def _run_streams(producer, streams: Sequence, dataset, duration_s: float, pace: str,
@@ -127,6 +205,7 @@ def _run_streams(producer, streams: Sequence, dataset, duration_s: float, pace: 
     tallies = [_DeviceTally(s.device, topic_name(topic_prefix, s.device),
                             s.schedule.expected_count(0.0, duration_s) / duration_s)
                for s in streams]
+    topics = [t.topic for t in tallies]
     lag_hist = [0] * _LAG_BINS_MS
     max_lag_s = 0.0
     realtime = pace == "realtime"
@@ -139,54 +218,80 @@ def _run_streams(producer, streams: Sequence, dataset, duration_s: float, pace: 
     last_wake = -math.inf
     interrupted = False
     send = producer.send
-    pixels = dataset.pixels
-    labels = dataset.labels
-    encode = record.encode
     start_ms = start_time_s * 1000.0
+    counts = [0] * len(streams)
+    last_offsets: list[float | None] = [None] * len(streams)
+
+    def settle(offsets: list, slots: list) -> None:
+        """Count sent items (per device, with the last offset of each)."""
+        for offset_s, slot in zip(offsets, slots):
+            counts[slot] += 1
+            last_offsets[slot] = offset_s
+        for slot, tally in enumerate(tallies):
+            tally.count = counts[slot]
+            tally.last_offset_s = last_offsets[slot]
 
     def eos_failed(slot, _exc):
         tallies[slot].eos_failed = True
 
     stream_s = duration_s
     pending: list = []  # (slot, future) not yet known to have succeeded
-    max_pending = max(1000, MAX_PENDING_BYTES
-                      // (record.HEADER_BYTES + int(np.prod(dataset.sample_shape))))
-    for offset_s, slot, seq, index in _merged_items(streams, duration_s):
-        now = time.monotonic()
-        if realtime:
-            deadline = start_mono + offset_s
-            if now < deadline:
-                # wake at most once per quantum, then send everything due: fewer wake-ups
-                # (ours and the client's I/O thread's), never an early record
-                wake = max(deadline, last_wake + quantum_s)
-                while now < wake:  # sleep in slices so a signal stops us promptly
-                    if should_stop():
-                        break
-                    time.sleep(min(wake - now, 0.1))
-                    now = time.monotonic()
-                last_wake = now
-            lag_s = now - deadline
-            if lag_s > max_lag_s:
-                max_lag_s = lag_s
-            lag_hist[min(int(lag_s * 1000.0), _LAG_BINS_MS - 1) if lag_s > 0 else 0] += 1
-        if now >= next_tick:
-            next_tick = now + tick_s
-            pending = _count_failures(pending, tallies)
-            if on_tick is not None:
-                on_tick(tallies, now - run_t0)
-        if should_stop():
-            interrupted = True
-            stream_s = offset_s if not realtime else max(0.0, min(duration_s,
-                                                                  now - start_mono))
+    record_bytes = record.HEADER_BYTES + int(np.prod(dataset.sample_shape))
+    max_pending = _pending_limit(producer, pace, record_bytes)
+    # virtual: a chunk at most half the pending limit, so back-pressure between chunks holds
+    chunk_items = REALTIME_CHUNK if realtime else max(1, min(VIRTUAL_CHUNK, max_pending // 2))
+    span_s = REALTIME_CHUNK_SPAN_S if realtime else math.inf
+    for offsets, slots, stamps, values in _chunks(streams, dataset, duration_s, start_ms,
+                                                  chunk_items, span_s):
+        n, i, settled = len(offsets), 0, 0
+        while i < n:
+            now = time.monotonic()
+            if realtime:
+                deadline = start_mono + offsets[i]
+                if now < deadline:
+                    # wake at most once per quantum, then send everything due: fewer wake-ups
+                    # (ours and the client's I/O thread's), never an early record
+                    wake = max(deadline, last_wake + quantum_s)
+                    while now < wake:  # sleep in slices so a signal stops us promptly
+                        if should_stop():
+                            break
+                        time.sleep(min(wake - now, 0.1))
+                        now = time.monotonic()
+                    last_wake = now
+                # the items due by now leave as one group (at most REALTIME_GROUP, so the lag,
+                # taken at the group's release, stays within a millisecond of each send)
+                j = max(i + 1, bisect.bisect_right(offsets, now - start_mono, i,
+                                                   min(n, i + REALTIME_GROUP)))
+                for offset_s in offsets[i:j]:
+                    lag_s = now - (start_mono + offset_s)
+                    if lag_s > max_lag_s:
+                        max_lag_s = lag_s
+                    lag_hist[min(int(lag_s * 1000.0), _LAG_BINS_MS - 1) if lag_s > 0 else 0] += 1
+            else:  # virtual: the whole chunk at once
+                j = n
+            if now >= next_tick:
+                next_tick = now + tick_s
+                settle(offsets[settled:i], slots[settled:i])
+                settled = i
+                pending = _count_failures(pending, tallies)
+                if on_tick is not None:
+                    on_tick(tallies, now - run_t0)
+            if should_stop():
+                interrupted = True
+                stream_s = (max(0.0, min(duration_s, now - start_mono)) if realtime
+                            else offsets[i])
+                break
+            if len(pending) >= max_pending:
+                pending = _wait_pending(pending, tallies, max_pending // 2)
+            group = slots[i:j]
+            pending.extend(zip(group, [send(topics[slot], value, partition=0,
+                                            timestamp_ms=stamp)
+                                       for slot, value, stamp in zip(group, values[i:j],
+                                                                     stamps[i:j])]))
+            i = j
+        settle(offsets[settled:i], slots[settled:i])
+        if interrupted:
             break
-        tally = tallies[slot]
-        value = encode(streams[slot].device, seq, int(labels[index]), pixels(index))
-        pending.append((slot, send(tally.topic, value, partition=0,
-                                   timestamp_ms=event_ms(start_ms, offset_s))))
-        tally.count += 1
-        if len(pending) >= max_pending:
-            pending = _wait_pending(pending, tallies, max_pending // 2)
-        tally.last_offset_s = offset_s
     else:
         if realtime and not should_stop():  # the stream lasts until duration_s, not its last item
             end_mono = start_mono + duration_s
@@ -390,7 +495,8 @@ def _resolve_start(pace: str, start_time_s: float | None) -> float:
 
 def _produce_here(bootstrap, streams, dataset, duration_s, pace, topic_prefix, start_time_s,
                   eos, stop_flag, show, producer_config) -> tuple[_RunResult, float]:
-    producer = _make_producer(bootstrap, producer_config)
+    producer = _make_producer(bootstrap, producer_config, pace,
+                              [topic_name(topic_prefix, s.device) for s in streams])
     try:
         start = _resolve_start(pace, start_time_s)
         result = _run_streams(producer, streams, dataset, duration_s, pace, topic_prefix,
@@ -408,7 +514,8 @@ def _worker_main(worker, bootstrap, streams, dataset, duration_s, pace, topic_pr
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop_flag.set)
     try:
-        producer = _make_producer(bootstrap, producer_config)
+        producer = _make_producer(bootstrap, producer_config, pace,
+                                  [topic_name(topic_prefix, s.device) for s in streams])
     except Exception as e:  # reported by the parent as one line
         queue.put(("error", worker, f"{type(e).__name__}: {e}"))
         return

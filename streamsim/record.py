@@ -27,6 +27,10 @@ KIND_SAMPLE = 0
 KIND_EOS = 1
 HEADER = struct.Struct(">2sBBHQiHHH")
 HEADER_BYTES = HEADER.size  # 24
+# The same header as a numpy record, for encoding many samples at once (``encode_many``).
+HEADER_DTYPE = np.dtype([("magic", "S2"), ("version", "u1"), ("kind", "u1"), ("device", ">u2"),
+                         ("seq", ">u8"), ("label", ">i4"), ("shape", ">u2", (3,))])
+assert HEADER_DTYPE.itemsize == HEADER_BYTES
 
 # Event-time origin of virtually paced streams: Kafka timestamps must be positive epoch ms,
 # so virtual stream time t seconds is published as (VIRTUAL_EPOCH_S + t) * 1000.
@@ -76,6 +80,28 @@ def encode(device: int, seq: int, label: int, pixels: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(pixels).tobytes()
 
 
+def encode_many(devices, seqs, labels, pixels: np.ndarray) -> np.ndarray:
+    """Encode ``len(seqs)`` samples at once: a uint8 array with one record value per row (row
+    ``k`` is byte for byte ``encode(devices[k], seqs[k], labels[k], pixels[k])``; ``devices``
+    may be one int for all). ``pixels`` must be uint8 with shape (N, C, H, W)."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 4:
+        raise ValueError(f"pixels must be uint8 (N,C,H,W), got {pixels.dtype} {pixels.shape}")
+    n, c, h, w = pixels.shape
+    if len(seqs) != n or len(labels) != n:
+        raise ValueError(f"{len(seqs)} seqs and {len(labels)} labels for {n} samples")
+    out = np.empty((n, HEADER_BYTES + c * h * w), dtype=np.uint8)
+    header = out[:, :HEADER_BYTES].view(HEADER_DTYPE)[:, 0]
+    header["magic"] = MAGIC
+    header["version"] = FORMAT_VERSION
+    header["kind"] = KIND_SAMPLE
+    header["device"] = devices
+    header["seq"] = seqs
+    header["label"] = labels
+    header["shape"] = (c, h, w)
+    out[:, HEADER_BYTES:] = pixels.reshape(n, -1)
+    return out
+
+
 def encode_eos(device: int, count: int) -> bytes:
     """Encode the end-of-stream marker a producer writes when it finishes a topic."""
     return HEADER.pack(MAGIC, FORMAT_VERSION, KIND_EOS, device, count, -1, 0, 0, 0)
@@ -112,6 +138,15 @@ def decode(value: bytes | None, timestamp_ms: int, num_classes: int | None = Non
                                     f"{(c, h, w)} ({c * h * w} expected)")
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise RecordError("label", f"label {label} outside [0, {num_classes})")
-    pixels = np.frombuffer(value, dtype=np.uint8, offset=HEADER_BYTES).reshape(c, h, w)
-    return Sample(device=device, seq=seq, label=label, pixels=pixels,
-                  event_time_s=event_time_s)
+    # the hot path of every consumer: a view on the value's bytes (read-only, no copy) and
+    # the frozen Sample built without five object.__setattr__ calls (same object otherwise)
+    sample = _new_object(Sample)
+    sample.__dict__.update(device=device, seq=seq, label=label,
+                           pixels=_ndarray((c, h, w), _UINT8, value, HEADER_BYTES),
+                           event_time_s=event_time_s)
+    return sample
+
+
+_new_object = object.__new__
+_ndarray = np.ndarray
+_UINT8 = np.dtype(np.uint8)

@@ -83,6 +83,11 @@ class DeviceStream:
         for seqs, offsets, idx in self._blocks(self.schedule.count_limit(duration_s)):
             yield from zip(seqs.tolist(), offsets.tolist(), idx.tolist())
 
+    def blocks(self, duration_s: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """What ``until(duration_s)`` yields, in time-ordered blocks of arrays:
+        (seqs, offsets_s, dataset_indices)."""
+        return self._blocks(self.schedule.count_limit(duration_s))
+
     def plan(self, duration_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Everything ``until(duration_s)`` yields, as arrays: (seqs, offsets_s, indices)."""
         blocks = list(self._blocks(self.schedule.count_limit(duration_s)))
@@ -90,3 +95,41 @@ class DeviceStream:
             empty = np.empty(0, dtype=np.int64)
             return empty, np.empty(0, dtype=np.float64), empty
         return tuple(np.concatenate(parts) for parts in zip(*blocks))
+
+
+def merged_blocks(streams, duration_s: float
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Every stream's items in [0, duration_s), merged by event time, in blocks of arrays
+    ``(offsets_s, slots, seqs, dataset_indices)`` (``slot``: position in ``streams``). The
+    items come in (offset, slot, seq) order, as ``heapq.merge`` of the streams' ``until``
+    tuples would give them, without a Python step per item."""
+    sources = [s.blocks(duration_s) for s in streams]
+    empty = np.empty(0, dtype=np.int64)
+    held = [(empty, np.empty(0, dtype=np.float64), empty)] * len(sources)
+
+    def refill(slot: int) -> bool:
+        for block in sources[slot]:
+            if len(block[0]):
+                held[slot] = block
+                return True
+        return False
+
+    live = [slot for slot in range(len(sources)) if refill(slot)]
+    while live:
+        # everything up to the earliest end of a held block is known on every stream
+        horizon = min(held[slot][1][-1] for slot in live)
+        parts = []
+        for slot in live:
+            seqs, offsets, indices = held[slot]
+            k = int(np.searchsorted(offsets, horizon, side="right"))
+            if k:
+                parts.append((offsets[:k], np.full(k, slot, dtype=np.int64), seqs[:k],
+                              indices[:k]))
+                held[slot] = (seqs[k:], offsets[k:], indices[k:])
+        live = [slot for slot in live if len(held[slot][0]) or refill(slot)]
+        offsets, slots, seqs, indices = (np.concatenate(p) for p in zip(*parts))
+        if len(parts) > 1:
+            order = np.lexsort((seqs, slots, offsets))
+            offsets, slots, seqs, indices = (offsets[order], slots[order], seqs[order],
+                                             indices[order])
+        yield offsets, slots, seqs, indices

@@ -192,3 +192,86 @@ def test_bad_config_exits_2_with_one_line(bad, message, repo_env):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+class _Future:
+    """A completed send, as much of kafka-python's FutureRecordMetadata as produce uses."""
+
+    def __init__(self, ok: bool):
+        self.is_done, self.ok = True, ok
+
+    def failed(self):
+        return not self.ok
+
+    def get(self, timeout=None):
+        if not self.ok:
+            raise RuntimeError("broker said no")
+
+    def add_errback(self, fn, *args):
+        if not self.ok:
+            fn(*args, RuntimeError("broker said no"))
+        return self
+
+
+class _FakeProducer:
+    """Records every send; every ``fail_every``-th one fails."""
+
+    config = {"batch_size": 1 << 14}
+
+    def __init__(self, fail_every: int = 0):
+        self.fail_every, self.sent = fail_every, []
+
+    def send(self, topic, value, partition=None, timestamp_ms=None):
+        self.sent.append((topic, bytes(value), timestamp_ms))
+        return _Future(not self.fail_every or len(self.sent) % self.fail_every)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("fail_every", [0, 97])
+def test_every_item_sent_once_in_order_and_failures_counted(fail_every):
+    """The chunked send loop against the plan, without a broker: each device's records in seq
+    order with their event times, the devices interleaved by event time, every failed send
+    counted (and left out of the end-of-stream count), small back-pressure limits included."""
+    from streamsim.datasets import load_dataset
+    from streamsim.produce import _run_streams
+
+    data = load_dataset("synthetic", num_samples=300, shape=(1, 4, 4))
+    streams = build_streams(data, "iid", 3, "500 20 3000", seed=2, arrivals="poisson")
+    producer = _FakeProducer(fail_every)
+    start_ms = record.VIRTUAL_EPOCH_S * 1000
+    result = _run_streams(producer, streams, data, 2.0, "virtual", "x-",
+                          record.VIRTUAL_EPOCH_S, True, lambda: False, None)
+    samples = [(topic, record.decode(value, ts), ts) for topic, value, ts in producer.sent]
+    assert [type(s) for _, s, _ in samples[-3:]] == [record.EndOfStream] * 3
+    times = [ts for _, s, ts in samples[:-3]]
+    assert times == sorted(times)
+    for d, (stream, tally) in enumerate(zip(streams, result.devices)):
+        seqs, offsets_s, indices = stream.plan(2.0)
+        mine = [(s, ts) for topic, s, ts in samples[:-3] if topic == f"x-{d}"]
+        assert [s.seq for s, _ in mine] == seqs.tolist()
+        assert [ts for _, ts in mine] == event_ms(start_ms, offsets_s).tolist()
+        assert [s.label for s, _ in mine] == data.labels[indices].tolist()
+        assert tally.count == len(seqs) and tally.last_offset_s == offsets_s[-1]
+        assert tally.eos_count == tally.count - tally.failed
+    failed = sum(t.failed for t in result.devices)
+    assert failed == (len(producer.sent) - 3) // fail_every if fail_every else failed == 0
+    assert not result.interrupted and result.stream_s == 2.0
+
+
+def test_a_stop_ends_the_virtual_stream_between_chunks():
+    from streamsim.datasets import load_dataset
+    from streamsim.produce import _run_streams
+
+    data = load_dataset("synthetic", num_samples=300, shape=(1, 4, 4))
+    streams = build_streams(data, "iid", 2, "4000 4000", seed=0)
+    producer = _FakeProducer()
+    result = _run_streams(producer, streams, data, 10.0, "virtual", "x-",
+                          record.VIRTUAL_EPOCH_S, True, lambda: len(producer.sent) > 1000, None)
+    sent = len(producer.sent) - 2
+    assert result.interrupted and 1000 < sent < 80_000
+    assert sum(t.count for t in result.devices) == sent
+    assert 0 < result.stream_s < 10.0
+    eos = [record.decode(v, ts) for _, v, ts in producer.sent[-2:]]
+    assert [e.count for e in eos] == [t.count for t in result.devices]

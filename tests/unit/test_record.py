@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from streamsim.record import (FORMAT_VERSION, HEADER, HEADER_BYTES, KIND_SAMPLE, MAGIC,
-                              EndOfStream, RecordError, Sample, decode, encode, encode_eos)
+                              EndOfStream, RecordError, Sample, decode, encode, encode_eos,
+                              encode_many)
 
 TS_MS = 1_700_000_000_123
 
@@ -27,6 +28,46 @@ def test_non_contiguous_pixels_round_trip():
     pixels = np.arange(2 * 6 * 4, dtype=np.uint8).reshape(2, 6, 4)[:, ::2, :]
     out = decode(encode(0, 0, 1, pixels), TS_MS)
     np.testing.assert_array_equal(out.pixels, pixels)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (2, 3, 5)])
+def test_encode_many_rows_are_encode_byte_for_byte(shape):
+    rng = np.random.default_rng(1)
+    n = 9
+    pixels = rng.integers(0, 256, size=(n,) + shape, dtype=np.uint8)
+    seqs = np.array([0, 1, 2, 255, 256, 65535, 2 ** 32, 2 ** 40 + 7, 2 ** 63 - 1], np.int64)
+    labels = rng.integers(0, 100, size=n)
+    devices = np.array([0, 1, 7, 300, 65535, 2, 2, 2, 9])
+    for dev in (devices, 7):  # one device per row, or one for all
+        rows = encode_many(dev, seqs, labels, pixels)
+        assert rows.dtype == np.uint8 and rows.shape == (n, HEADER_BYTES + pixels[0].size)
+        for k in range(n):
+            d = int(devices[k]) if isinstance(dev, np.ndarray) else dev
+            assert rows[k].tobytes() == encode(d, int(seqs[k]), int(labels[k]), pixels[k])
+            out = decode(memoryview(rows.reshape(-1))[k * rows.shape[1]:(k + 1) * rows.shape[1]],
+                         TS_MS, expect_shape=shape, expect_device=d)
+            assert (out.seq, out.label) == (seqs[k], labels[k])
+            np.testing.assert_array_equal(out.pixels, pixels[k])
+
+
+def test_encode_many_rejects_bad_input():
+    with pytest.raises(ValueError):
+        encode_many(0, [0], [0], np.zeros((1, 3, 4, 4), dtype=np.float32))
+    with pytest.raises(ValueError):
+        encode_many(0, [0], [0], np.zeros((3, 4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError):
+        encode_many(0, [0, 1], [0], np.zeros((2, 3, 4, 4), dtype=np.uint8))
+
+
+def test_decoded_sample_is_a_frozen_read_only_view():
+    value = encode(2, 3, 4, np.full((1, 2, 2), 9, np.uint8))
+    out = decode(value, TS_MS)
+    assert out == Sample(device=2, seq=3, label=4, pixels=out.pixels,
+                         event_time_s=TS_MS / 1000.0)
+    assert "Sample(device=2, seq=3, label=4" in repr(out)
+    assert not out.pixels.flags.writeable and out.pixels.base is not None
+    with pytest.raises(AttributeError):
+        out.seq = 5
 
 
 def test_encode_rejects_non_uint8_or_wrong_rank():

@@ -1,4 +1,5 @@
 """Device streams: determinism, one fresh shuffle per pass, increasing event times."""
+import heapq
 import itertools
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 
 from streamsim.schedule import RateSchedule, arrival_times, make_schedules
 from streamsim import stream as stream_module
-from streamsim.stream import DeviceStream
+from streamsim.stream import DeviceStream, merged_blocks
 
 INDICES = np.arange(100, 137)  # 37 indices: passes do not align with the 8192-item blocks
 
@@ -89,3 +90,28 @@ def test_bad_arguments():
         _stream(indices=np.array([], dtype=np.int64))
     with pytest.raises(ValueError, match="even, poisson"):
         _stream(arrivals="bursty")
+
+
+def _heap_merged(streams, duration_s):
+    def items(slot, stream):
+        for seq, offset_s, index in stream.until(duration_s):
+            yield offset_s, slot, seq, index
+
+    return list(heapq.merge(*(items(slot, s) for slot, s in enumerate(streams))))
+
+
+@pytest.mark.parametrize("arrivals", ["even", "poisson"])
+def test_merged_blocks_is_the_event_time_merge_of_every_stream(arrivals):
+    # very different rates (blocks end at very different times), one stream that stops,
+    # one that never starts within the duration, and a rotating schedule
+    schedules = make_schedules("92 22 62 42 48 5000 18", 7, seed=0, rate_schedule="rotate:7")
+    schedules[2] = RateSchedule([(0.0, 30.0), (3.0, 0.0)])
+    schedules[4] = RateSchedule([(0.0, 0.0), (50.0, 10.0)])
+    streams = [DeviceStream(None, np.arange(100 * d, 100 * d + 37 + d), sch, d, 3, arrivals)
+               for d, sch in enumerate(schedules)]
+    blocks = list(merged_blocks(streams, 30.0))
+    assert len(blocks) > 1
+    got = [item for offsets, slots, seqs, indices in blocks
+           for item in zip(offsets.tolist(), slots.tolist(), seqs.tolist(), indices.tolist())]
+    assert got == _heap_merged(streams, 30.0)
+    assert list(merged_blocks(streams, 0.0)) == []
