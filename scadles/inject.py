@@ -60,8 +60,8 @@ import argparse
 import dataclasses
 import logging
 import math
-import signal
 import sys
+import threading
 import time
 from collections import deque
 from typing import Callable
@@ -510,57 +510,23 @@ def sources_factory(cfg, device: int, dataset, streams, start_time_s: float,
 
 def fill_pool(bootstrap: str, dataset, topic: str, rate_per_s: float, duration_s: float,
               pace: str, seed: int, start_time_s: float | None = None,
-              arrivals: str = "even", stop: Callable[[], bool] | None = None) -> dict:
+              arrivals: str = "even", stop: threading.Event | None = None) -> dict:
     """Stream an IID sample of ``dataset`` (``make_pool_stream``) onto ``topic`` for
     ``duration_s`` stream seconds, then an end-of-stream marker; a summary.
 
-    Records and timestamps as ``streamsim.produce`` writes them (event time = start + offset;
-    ``realtime`` paced by deadlines on the wall clock, ``virtual`` as fast as the broker takes
-    it from ``VIRTUAL_EPOCH_S``). ``stop()`` ends it early (the marker is still written)."""
-    from kafka import KafkaProducer
+    The producer is ``streamsim.produce.produce`` with one stream on an explicit topic: the
+    same records, timestamps, deadline pacing and send-failure accounting (``failed`` in the
+    summary). ``stop`` (or SIGINT/SIGTERM in the main thread) ends it early; the marker is
+    still written."""
+    from streamsim.produce import produce
 
-    from streamsim import broker
-    from streamsim.produce import PACES, PRODUCER_CONFIG
-    from streamsim.record import VIRTUAL_EPOCH_S, encode, encode_eos, event_time_ms
-
-    if pace not in PACES:
-        raise ValueError(f"pace {pace!r}: use one of {', '.join(PACES)}")
-    if not duration_s > 0:
-        raise ValueError(f"duration_s={duration_s} must be > 0")
     stream = make_pool_stream(dataset, rate_per_s, seed, arrivals)
-    realtime = pace == "realtime"
-    if start_time_s is None:
-        start_time_s = time.time() if realtime else VIRTUAL_EPOCH_S
-    stop = stop or (lambda: False)
-    broker.check_reachable(bootstrap)
-    broker.create_topics(bootstrap, [topic])
-    producer = KafkaProducer(bootstrap_servers=bootstrap, **PRODUCER_CONFIG)
-    start_mono = start_time_s + time.monotonic() - time.time()  # deadlines immune to steps
-    start_ms = start_time_s * 1000.0
-    count, stream_s, began = 0, duration_s, time.monotonic()
-    try:
-        for seq, offset_s, index in stream.until(duration_s):
-            while realtime and time.monotonic() < start_mono + offset_s and not stop():
-                time.sleep(min(start_mono + offset_s - time.monotonic(), 0.1))
-            if stop():
-                stream_s = offset_s
-                break
-            producer.send(topic, encode(POOL_DEVICE, seq, int(dataset.labels[index]),
-                                        dataset.pixels(index)),
-                          partition=0, timestamp_ms=event_time_ms(start_ms, offset_s))
-            count += 1
-        else:
-            while realtime and time.monotonic() < start_mono + duration_s and not stop():
-                time.sleep(min(start_mono + duration_s - time.monotonic(), 0.1))
-        producer.flush()
-        producer.send(topic, encode_eos(POOL_DEVICE, count), partition=0,
-                      timestamp_ms=event_time_ms(start_ms, stream_s))
-        producer.flush()
-    finally:
-        producer.close(timeout=10)
-    return {"topic": topic, "records": count, "stream_s": stream_s,
-            "rate_per_s": rate_per_s, "pace": pace, "start_time_s": start_time_s,
-            "elapsed_s": time.monotonic() - began}
+    summary = produce(bootstrap, [stream], dataset, duration_s, pace,
+                      start_time_s=start_time_s, workers=1, stop=stop, topics=[topic])
+    return {"topic": topic, "records": summary["records"], "failed": summary["failed"],
+            "stream_s": summary["stream_s"], "rate_per_s": rate_per_s, "pace": pace,
+            "start_time_s": summary["start_time_s"], "elapsed_s": summary["elapsed_s"],
+            "interrupted": summary["interrupted"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -593,13 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DatasetError) as e:
         print(f"fill-pool: {e}", file=sys.stderr)
         return 2
-    stopped = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.append(True))
-    try:
+    try:  # SIGINT/SIGTERM stop it cleanly (produce's handlers)
         summary = fill_pool(args.bootstrap, dataset, args.topic, args.rate, args.duration,
-                            args.pace, args.seed, args.start_time, args.arrivals,
-                            stop=lambda: bool(stopped))
+                            args.pace, args.seed, args.start_time, args.arrivals)
     except ValueError as e:
         print(f"fill-pool: {e}", file=sys.stderr)
         return 2
@@ -609,6 +571,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pool {summary['topic']}: {summary['records']} records over "
           f"{summary['stream_s']:g} s of stream ({summary['rate_per_s']:g}/s, "
           f"{summary['pace']}) in {summary['elapsed_s']:.1f} s", flush=True)
+    if summary["failed"]:
+        print(f"fill-pool: {summary['failed']} records could not be written to "
+              f"{summary['topic']} (the broker refused them): see the log above; rerun "
+              "fill-pool once the broker is healthy", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -197,12 +197,12 @@ def _pending_limit(producer, pace: str, record_bytes: int) -> int:
 
 
 def _run_streams(producer, streams: Sequence, dataset, duration_s: float, pace: str,
-                 topic_prefix: str, start_time_s: float, eos: bool,
+                 topic_of: dict[int, str], start_time_s: float, eos: bool,
                  should_stop: Callable[[], bool],
                  on_tick: Callable[[list[_DeviceTally], float], None] | None,
                  tick_s: float = 1.0, quantum_s: float | None = None) -> _RunResult:
     """Send every stream's items in [0, duration_s) when due; flush; write EOS markers."""
-    tallies = [_DeviceTally(s.device, topic_name(topic_prefix, s.device),
+    tallies = [_DeviceTally(s.device, topic_of[s.device],
                             s.schedule.expected_count(0.0, duration_s) / duration_s)
                for s in streams]
     topics = [t.topic for t in tallies]
@@ -442,14 +442,15 @@ def produce(bootstrap: str, streams: Sequence, dataset, duration_s: float, pace:
             topic_prefix: str = DEFAULT_TOPIC_PREFIX, start_time_s: float | None = None, *,
             eos: bool = True, workers: int | None = 1, create: bool = True,
             stop: threading.Event | None = None, progress: bool = False,
-            producer_config: dict | None = None) -> dict:
+            producer_config: dict | None = None, topics: Sequence[str] | None = None) -> dict:
     """Produce ``streams`` (``DeviceStream``s) for ``duration_s`` of stream time; a summary.
 
     ``pace``: ``realtime`` (sleep to the wall clock) or ``virtual`` (as fast as possible).
     ``start_time_s``: event-time origin (default: now for realtime, ``VIRTUAL_EPOCH_S``
     for virtual). ``workers``: producer processes (None: by aggregate rate). ``stop``: an
     event that ends the run early (SIGINT/SIGTERM do too, in the main thread); EOS markers
-    are written either way unless ``eos`` is False. Raises BrokerUnreachable.
+    are written either way unless ``eos`` is False. ``topics``: one topic per stream, in
+    place of ``<topic_prefix><device>``. Raises BrokerUnreachable.
     """
     if pace not in PACES:
         raise ValueError(f"pace {pace!r}: use one of {', '.join(PACES)}")
@@ -459,11 +460,16 @@ def produce(bootstrap: str, streams: Sequence, dataset, duration_s: float, pace:
         raise ValueError("no streams to produce")
     if len({s.device for s in streams}) != len(streams):
         raise ValueError("two streams for the same device")
+    if topics is not None and (len(topics) != len(streams) or len(set(topics)) != len(topics)):
+        raise ValueError(f"{len(topics)} topics for {len(streams)} streams: give one distinct "
+                         "topic per stream")
+    topic_of = {s.device: topics[i] if topics is not None else topic_name(topic_prefix, s.device)
+                for i, s in enumerate(streams)}
     from streamsim import broker
 
     broker.check_reachable(bootstrap, timeout_s=10)
     if create:
-        broker.create_topics(bootstrap, [topic_name(topic_prefix, s.device) for s in streams])
+        broker.create_topics(bootstrap, list(topic_of.values()))
     sample_bytes = int(np.prod(dataset.sample_shape))
     if workers is None:
         workers = default_workers(streams, duration_s, sample_bytes)
@@ -475,11 +481,11 @@ def produce(bootstrap: str, streams: Sequence, dataset, duration_s: float, pace:
     try:
         if workers == 1:
             results = [_produce_here(bootstrap, streams, dataset, duration_s, pace,
-                                     topic_prefix, start_time_s, eos, stop_flag, show,
+                                     topic_of, start_time_s, eos, stop_flag, show,
                                      producer_config)]
         else:
             results = _produce_in_workers(bootstrap, streams, dataset, duration_s, pace,
-                                          topic_prefix, start_time_s, eos, stop_flag, show,
+                                          topic_of, start_time_s, eos, stop_flag, show,
                                           producer_config, workers)
     finally:
         _restore_handlers(previous)
@@ -493,13 +499,13 @@ def _resolve_start(pace: str, start_time_s: float | None) -> float:
     return time.time() if pace == "realtime" else record.VIRTUAL_EPOCH_S
 
 
-def _produce_here(bootstrap, streams, dataset, duration_s, pace, topic_prefix, start_time_s,
+def _produce_here(bootstrap, streams, dataset, duration_s, pace, topic_of, start_time_s,
                   eos, stop_flag, show, producer_config) -> tuple[_RunResult, float]:
     producer = _make_producer(bootstrap, producer_config, pace,
-                              [topic_name(topic_prefix, s.device) for s in streams])
+                              [topic_of[s.device] for s in streams])
     try:
         start = _resolve_start(pace, start_time_s)
-        result = _run_streams(producer, streams, dataset, duration_s, pace, topic_prefix,
+        result = _run_streams(producer, streams, dataset, duration_s, pace, topic_of,
                               start, eos, stop_flag,
                               lambda tallies, t: show.show(sum(x.count for x in tallies), t))
     finally:
@@ -507,7 +513,7 @@ def _produce_here(bootstrap, streams, dataset, duration_s, pace, topic_prefix, s
     return result, start
 
 
-def _worker_main(worker, bootstrap, streams, dataset, duration_s, pace, topic_prefix, eos,
+def _worker_main(worker, bootstrap, streams, dataset, duration_s, pace, topic_of, eos,
                  producer_config, counts, queue, go, start_value) -> None:
     """One producer process: connect, report ready, wait for the start time, run."""
     stop_flag = _StopFlag()
@@ -515,7 +521,7 @@ def _worker_main(worker, bootstrap, streams, dataset, duration_s, pace, topic_pr
         signal.signal(sig, stop_flag.set)
     try:
         producer = _make_producer(bootstrap, producer_config, pace,
-                                  [topic_name(topic_prefix, s.device) for s in streams])
+                                  [topic_of[s.device] for s in streams])
     except Exception as e:  # reported by the parent as one line
         queue.put(("error", worker, f"{type(e).__name__}: {e}"))
         return
@@ -531,7 +537,7 @@ def _worker_main(worker, bootstrap, streams, dataset, duration_s, pace, topic_pr
                 counts[device] = tally.count
 
         start = start_value.value if go.is_set() else _resolve_start(pace, None)
-        result = _run_streams(producer, streams, dataset, duration_s, pace, topic_prefix,
+        result = _run_streams(producer, streams, dataset, duration_s, pace, topic_of,
                               start, eos, stop_flag, tick, tick_s=0.2)
         queue.put(("done", worker, result))
     except Exception as e:
@@ -540,7 +546,7 @@ def _worker_main(worker, bootstrap, streams, dataset, duration_s, pace, topic_pr
         producer.close(timeout=10)
 
 
-def _produce_in_workers(bootstrap, streams, dataset, duration_s, pace, topic_prefix,
+def _produce_in_workers(bootstrap, streams, dataset, duration_s, pace, topic_of,
                         start_time_s, eos, stop_flag, show, producer_config, workers
                         ) -> list[tuple[_RunResult, float]]:
     """Split the devices over ``workers`` forked processes that share one start time."""
@@ -549,7 +555,7 @@ def _produce_in_workers(bootstrap, streams, dataset, duration_s, pace, topic_pre
     counts = ctx.Array("q", max(s.device for s in streams) + 1, lock=False)
     queue, go, start_value = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0, lock=False)
     procs = [ctx.Process(target=_worker_main, name=f"produce-{w}", daemon=True,
-                         args=(w, bootstrap, group, dataset, duration_s, pace, topic_prefix,
+                         args=(w, bootstrap, group, dataset, duration_s, pace, topic_of,
                                eos, producer_config, counts, queue, go, start_value))
              for w, group in enumerate(groups)]
     for p in procs:

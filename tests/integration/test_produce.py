@@ -241,7 +241,8 @@ def test_every_item_sent_once_in_order_and_failures_counted(fail_every):
     streams = build_streams(data, "iid", 3, "500 20 3000", seed=2, arrivals="poisson")
     producer = _FakeProducer(fail_every)
     start_ms = record.VIRTUAL_EPOCH_S * 1000
-    result = _run_streams(producer, streams, data, 2.0, "virtual", "x-",
+    result = _run_streams(producer, streams, data, 2.0, "virtual",
+                          {s.device: f"x-{s.device}" for s in streams},
                           record.VIRTUAL_EPOCH_S, True, lambda: False, None)
     samples = [(topic, record.decode(value, ts), ts) for topic, value, ts in producer.sent]
     assert [type(s) for _, s, _ in samples[-3:]] == [record.EndOfStream] * 3
@@ -267,7 +268,8 @@ def test_a_stop_ends_the_virtual_stream_between_chunks():
     data = load_dataset("synthetic", num_samples=300, shape=(1, 4, 4))
     streams = build_streams(data, "iid", 2, "4000 4000", seed=0)
     producer = _FakeProducer()
-    result = _run_streams(producer, streams, data, 10.0, "virtual", "x-",
+    result = _run_streams(producer, streams, data, 10.0, "virtual",
+                          {s.device: f"x-{s.device}" for s in streams},
                           record.VIRTUAL_EPOCH_S, True, lambda: len(producer.sent) > 1000, None)
     sent = len(producer.sent) - 2
     assert result.interrupted and 1000 < sent < 80_000
@@ -275,3 +277,14 @@ def test_a_stop_ends_the_virtual_stream_between_chunks():
     assert 0 < result.stream_s < 10.0
     eos = [record.decode(v, ts) for _, v, ts in producer.sent[-2:]]
     assert [e.count for e in eos] == [t.count for t in result.devices]
+
+
+@pytest.mark.parametrize("topics", [["a"], ["a", "a"]])
+def test_explicit_topics_must_be_one_distinct_topic_per_stream(topics):
+    from streamsim.datasets import load_dataset
+    from streamsim.produce import produce
+
+    data = load_dataset("synthetic", num_samples=100, shape=(1, 4, 4))
+    streams = build_streams(data, "iid", 2, "10 10", seed=0)
+    with pytest.raises(ValueError, match="one distinct topic per stream"):
+        produce("127.0.0.1:1", streams, data, 1.0, "virtual", topics=topics)
