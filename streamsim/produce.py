@@ -51,14 +51,17 @@ PRODUCER_CONFIG = {  # the base (scadles.inject uses it as is); PACE_PRODUCER_CO
     "allow_auto_create_topics": False,
 }
 # Per pace, on top of PRODUCER_CONFIG (measured on Tansu 0.6, see benchmarks/bench_streams.py):
-# - realtime: Tansu keeps one object per batch and every fetch walks a partition's objects,
-#   so its CPU per record grows with the batches stored; a 50 ms linger makes ~10x fewer
-#   batches than 5 ms at high rates (broker 38 -> 27 us/record at 4x S2, consumers on every
-#   topic) for ~50 ms more latency (p99 still ~150 ms).
+# - realtime: the embedded broker keeps one object per batch and every fetch walks a
+#   partition's objects, so its CPU per fetch grows with the batches stored, without bound
+#   in a long run (16 topics at 150/s with a consumer polling all the time: 13% -> 58% of a
+#   core over 120 s at a 50 ms linger, 11% -> 16% at 200 ms). A 200 ms linger makes a
+#   quarter of the batches of 50 ms (a fortieth of 5 ms) for up to 200 ms more latency:
+#   a sample reaches the trainer's wall-clock buffer that much later, well inside the
+#   paper's 1 s window.
 # - virtual: 4 MB batches, so one request in flight carries more (fewer round trips, less
 #   per-batch work in all three processes); latency does not matter there.
 PACE_PRODUCER_CONFIG = {
-    "realtime": {"linger_ms": 50},
+    "realtime": {"linger_ms": 200},
     "virtual": {"batch_size": 4 << 20, "linger_ms": 20},
 }
 # Aggregate bytes/s one producer process sustains comfortably on a shared 2-core machine
