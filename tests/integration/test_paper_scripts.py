@@ -8,7 +8,8 @@ acceptance names, on the rows and ``run.json`` the run left behind:
 - ``staticcompression_resnet152.sh``: bytes_sent per step at most a quarter of the same
   script's dense run (``COMPRESSION=none``);
 - ``datainjection_resnet152.sh``: injected > 0, and trained labels (``label_hist``) that the
-  device's own partition (``run.json`` "partition".labels_per_device) does not contain.
+  device's own partition (``run.json`` "partition".labels_per_device) does not contain; from
+  the peers' topics and, with ``INJECT_FROM=pool``, from the pool the launcher fills.
 """
 from __future__ import annotations
 
@@ -114,9 +115,26 @@ def test_data_injection_trains_labels_the_device_lacks(broker, tmp_path):
     """Issue 5's acceptance: datainjection_resnet152.sh on 4 non-IID devices; the logs show
     injected > 0 and trained labels outside the device's own partition (run.json)."""
     world_size, steps = 4, 3
-    log_dir, = run_scripts(("datainjection_resnet152.sh",
-                            script_env(broker, tmp_path / "inject",
-                                       WORLD_SIZE=str(world_size), MAX_STEPS=str(steps))))
+    peers_dir, pool_dir = run_scripts(
+        ("datainjection_resnet152.sh", script_env(broker, tmp_path / "inject",
+                                                  WORLD_SIZE=str(world_size),
+                                                  MAX_STEPS=str(steps))),
+        # The same from the shared pool: the launcher starts `scadles.inject fill-pool`.
+        ("datainjection_resnet152.sh", script_env(broker, tmp_path / "inject-pool",
+                                                  WORLD_SIZE=str(world_size),
+                                                  MAX_STEPS=str(steps), INJECT_FROM="pool",
+                                                  POOL_TOPIC=f"pool-{tmp_path.name}")))
+    pool_log = (pool_dir / "pool-producer.log").read_text()
+    assert re.search(r"pool pool-\S+: \d+ records", pool_log), pool_log
+    for log_dir, sources in ((peers_dir, None), (pool_dir, ["pool"])):
+        rows = _check_injection(log_dir, world_size)
+        if sources is not None:
+            assert all(r["injected_from"] == sources for rank_rows in rows for r in rank_rows
+                       if r["injected"])
+
+
+def _check_injection(log_dir: Path, world_size: int) -> list[list[dict]]:
+    """injected > 0 on every rank, and labels trained beyond the rank's own partition."""
     run = json.loads((log_dir / "run.json").read_text())
     assert run["config"]["partition"] == "noniid"
     assert (run["config"]["alpha"], run["config"]["beta"]) == (0.25, 0.25)
@@ -132,3 +150,4 @@ def test_data_injection_trains_labels_the_device_lacks(broker, tmp_path):
         assert trained - own, f"rank {rank} trained only its own labels {sorted(own)}"
         # What the rows count as injected is what the histogram shows beyond the stream.
         assert all(sum(r["label_hist"].values()) == r["local_bsz"] for r in rows[rank])
+    return rows
