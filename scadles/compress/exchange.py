@@ -235,7 +235,7 @@ class SparseExchanger:
             values[at:at + n].copy_(layer_values)
             torch.add(layer_indices, start, out=indices[at:at + n])
             at += n
-        if not isinstance(self.memory, NoMemory):
+        if self.memory.keeps_residuals:
             # Error feedback: what was sent leaves the gradient buffer (k writes, one call),
             # and what stays is the residual.
             self._buffers[self._grad_buffer].index_add_(0, indices, values, alpha=-1.0)

@@ -5,7 +5,8 @@
 what was sent, i.e. of the weighted gradient w_i x g_i.
 
 Exactness: at every step ``sent + new residual == weighted gradient + old residual``. On a
-sparse step the residual is what Top-k dropped; on a dense step the old residual goes out
+sparse step the residual is what Top-k dropped (the exchanger takes the sent entries out of
+the compensated gradient in place and hands it over with ``adopt_``); on a dense step the old residual goes out
 with the gradient and the memory is cleared, so nothing is counted twice or lost.
 """
 from __future__ import annotations
@@ -16,15 +17,10 @@ import torch
 class ResidualMemory:
     """Residuals keyed by parameter name."""
 
+    keeps_residuals = True
+
     def __init__(self):
         self.residuals: dict[str, torch.Tensor] = {}
-
-    def compensate_(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        """Add the residual of ``name`` to ``tensor`` in place; returns it."""
-        residual = self.residuals.get(name)
-        if residual is not None:
-            tensor.add_(residual)
-        return tensor
 
     def compensate_into_(self, out: torch.Tensor, grad: torch.Tensor | None, weight: float,
                          name: str) -> torch.Tensor:
@@ -42,18 +38,6 @@ class ResidualMemory:
         took the sent part out in place): it becomes the residual of ``name``, no copy."""
         self.residuals[name] = tensor
 
-    def update(self, tensor: torch.Tensor, name: str, compressor, payload, ctx) -> None:
-        """Remember what of ``tensor`` the compressed ``payload`` does not carry:
-        tensor − decompress(payload), in the residual's buffer from the last step when there
-        is one (model-sized allocations every step cost more than the arithmetic)."""
-        residual = self.residuals.get(name)
-        if (residual is None or residual.shape != tensor.shape
-                or residual.dtype != tensor.dtype or residual.device != tensor.device):
-            residual = torch.empty_like(tensor, memory_format=torch.contiguous_format)
-        residual.copy_(tensor)
-        compressor.decompress_add_(residual, payload, ctx, alpha=-1.0)
-        self.residuals[name] = residual
-
     def clear(self) -> None:
         """Forget every residual (after a dense step has sent them)."""
         self.residuals.clear()
@@ -68,22 +52,15 @@ class ResidualMemory:
 class NoMemory:
     """No error feedback: what compression drops is lost."""
 
+    keeps_residuals = False
+
     @property
     def residuals(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def compensate_(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        return tensor
-
     def compensate_into_(self, out: torch.Tensor, grad: torch.Tensor | None, weight: float,
                          name: str) -> torch.Tensor:
         return out.zero_() if grad is None else torch.mul(grad, weight, out=out)
-
-    def adopt_(self, name: str, tensor: torch.Tensor) -> None:
-        pass
-
-    def update(self, tensor: torch.Tensor, name: str, compressor, payload, ctx) -> None:
-        pass
 
     def clear(self) -> None:
         pass

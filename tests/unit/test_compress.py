@@ -116,20 +116,26 @@ def test_residual_memory_compensates_updates_clears_and_round_trips():
     mem, c = ResidualMemory(), TopKCompressor(0.25)
     g = torch.tensor([4.0, -1.0, 0.5, 2.0])
     payload, ctx = c.compress(g, "w")
-    mem.update(g, "w", c, payload, ctx)
+    c.decompress_add_(g, payload, ctx, alpha=-1.0)  # what the exchanger does in its buffer
+    mem.adopt_("w", g)
     torch.testing.assert_close(mem.residuals["w"], torch.tensor([0.0, -1.0, 0.5, 2.0]))
+    assert mem.residuals["w"] is g  # adopted, not copied
     restored = ResidualMemory()
     restored.load_state_dict(mem.state_dict())
-    torch.testing.assert_close(restored.compensate_(torch.ones(4), "w"),
+    ones = torch.ones(4)
+    torch.testing.assert_close(restored.compensate_into_(ones, ones, 1.0, "w"),
                                torch.tensor([1.0, 0.0, 1.5, 3.0]))
-    assert mem.compensate_(torch.ones(2), "other").tolist() == [1.0, 1.0]
+    torch.testing.assert_close(restored.compensate_into_(torch.empty(4), torch.ones(4), 0.5, "w"),
+                               torch.tensor([0.5, -0.5, 1.0, 2.5]))
+    assert mem.compensate_into_(torch.empty(2), torch.ones(2), 1.0, "other").tolist() == [1.0, 1.0]
     mem.clear()
     assert mem.residuals == {}
 
 
 def test_no_memory_drops_and_refuses_residuals_from_a_checkpoint():
     mem = NoMemory()
-    mem.update(torch.ones(3), "w", IdentityCompressor(), (torch.ones(3),), torch.Size([3]))
+    assert not mem.keeps_residuals and ResidualMemory.keeps_residuals
+    assert mem.compensate_into_(torch.empty(3), torch.ones(3), 0.5, "w").tolist() == [0.5] * 3
     assert mem.residuals == {} and mem.state_dict() == {"residuals": {}}
     with pytest.raises(ValueError, match="error feedback is off"):
         mem.load_state_dict({"residuals": {"w": torch.ones(3)}})
