@@ -510,6 +510,18 @@ def _empty(ax, text):
     ax.set_yticks([])
 
 
+def _finish_over_time(ax, drawn: bool, ylabel: str, empty_text: str, title: str) -> None:
+    """Label a plot against stream time (legend, grid), or say why it is empty; title it."""
+    if drawn:
+        ax.set_xlabel("stream time (s)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    else:
+        _empty(ax, empty_text)
+    ax.set_title(title)
+
+
 def plot_accuracy(runs, target, path):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -536,14 +548,8 @@ def plot_accuracy(runs, target, path):
     if target is not None and drawn:
         ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1,
                    label=f"target {100 * target:.1f}%")
-    if drawn:
-        ax.set_xlabel("stream time (s)")
-        ax.set_ylabel("test top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    else:
-        _empty(ax, "no evaluation rows in these runs")
-    ax.set_title("Accuracy against stream time")
+    _finish_over_time(ax, drawn, "test top-1 (%)", "no evaluation rows in these runs",
+                      "Accuracy against stream time")
     _save(plt, fig, path)
 
 
@@ -587,13 +593,8 @@ def plot_buffer(reps, path):
         peak = max(peak, float(hi.max()))
     if peak > 0:
         ax.set_yscale("symlog", linthresh=1)
-        ax.set_xlabel("stream time (s)")
-        ax.set_ylabel("samples in buffer")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    else:
-        _empty(ax, "no buffer lengths logged (or all zero)")
-    ax.set_title("Buffer length per device")
+    _finish_over_time(ax, peak > 0, "samples in buffer", "no buffer lengths logged (or all zero)",
+                      "Buffer length per device")
     _save(plt, fig, path)
 
 
@@ -606,14 +607,8 @@ def plot_bytes(reps, path):
         if len(t):
             any_bytes = True
             ax.plot(t, np.cumsum(total) / 1e6, label=run.setting)
-    if any_bytes:
-        ax.set_xlabel("stream time (s)")
-        ax.set_ylabel("cumulative MB sent (all devices)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    else:
-        _empty(ax, "no bytes_sent logged")
-    ax.set_title("Gradient bytes sent")
+    _finish_over_time(ax, any_bytes, "cumulative MB sent (all devices)", "no bytes_sent logged",
+                      "Gradient bytes sent")
     _save(plt, fig, path)
 
 
