@@ -306,7 +306,8 @@ class InProcessSource:
         return self._seqs[:n], self._times_s[:n], self._indices[:n]
 
     def poll(self, timeout_s: float = 0.1) -> list[tuple[int, Record]]:
-        deadline = time.time() + max(0.0, timeout_s)
+        # The timeout runs on the monotonic clock; event times are on the wall clock's axis.
+        deadline_mono = time.monotonic() + max(0.0, timeout_s)
         while True:
             now = time.time()
             seqs, times_s, indices = self._window(self._chunk)
@@ -324,9 +325,10 @@ class InProcessSource:
                 next_s = self._eos_time_s
             else:
                 return []  # the end-of-stream marker was returned: nothing more will come
-            if now >= deadline:
+            left_s = deadline_mono - time.monotonic()
+            if left_s <= 0:
                 return []
-            time.sleep(min(next_s, deadline) - now)
+            time.sleep(max(0.0, min(next_s - now, left_s)))
 
     def _samples(self, seqs, times_s, indices) -> list[tuple[int, Record]]:
         pixels = self.dataset.batch_pixels(indices)

@@ -171,7 +171,7 @@ class Progress:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.every_s = every_s
-        self._last = 0.0
+        self._last: float | None = None  # monotonic time of the last line; None: none yet
         self._width = 0
 
     def update(self, step: int, stream_s: float, samples: int, loss: float | None,
@@ -179,7 +179,9 @@ class Progress:
         if not self.enabled:
             return
         now = time.monotonic()
-        if not (self.tty or force or now - self._last >= self.every_s):
+        # The first update always shows: monotonic time counts from boot, so it may be small.
+        due = self._last is None or now - self._last >= self.every_s
+        if not (self.tty or force or due):
             return
         self._last = now
         total = f"/{self.max_steps}" if self.max_steps else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 import torch
 
 from scadles import checkpoint, metrics
@@ -54,6 +55,21 @@ def test_progress_lines_without_a_terminal():
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("step 1/10") and "loss 2.3000" in lines[0]
     assert lines[1:] == ["eval step 2"]
+
+
+@pytest.mark.parametrize("boot_s", [0.0, 0.5, 59.0, 1e6])
+def test_progress_first_update_shows_whatever_the_monotonic_clock_reads(monkeypatch, boot_s):
+    """Monotonic time counts from boot: on a machine up for seconds it is small."""
+    now = [boot_s]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    progress = metrics.Progress(enabled=True, every_s=60, stream=out)
+    progress.update(1, 1.0, 64, 2.3, None)
+    now[0] += 59.9
+    progress.update(2, 2.0, 128, 2.2, None)  # within every_s of the first: not shown
+    now[0] += 0.1
+    progress.update(3, 3.0, 192, 2.1, None)  # every_s after the first: shown
+    assert [line.split(" |")[0] for line in out.getvalue().splitlines()] == ["step 1", "step 3"]
 
 
 def test_checkpoint_latest_is_always_complete(tmp_path):
