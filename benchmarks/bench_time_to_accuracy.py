@@ -8,7 +8,8 @@ same seeds, streams, model and base learning rate for both modes, a virtual cloc
 modelled compute time (deterministic), both runs given the same stream-time budget.
 
 Time to accuracy = stream seconds until the first evaluation at or above the target top-1.
-Run: ``.venv/bin/python benchmarks/bench_time_to_accuracy.py [--world-size 4 --seeds 0,1]``.
+Run: ``.venv/bin/python benchmarks/bench_time_to_accuracy.py [--world-size 4 --seeds 0,1]``;
+flags it does not know (``--warmup-steps 20``) go to both runs' launcher.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def run(mode: str, args, seed: int, log_dir: Path, eval_steps: int) -> tuple[lis
            "--lr", str(args.lr), "--clock", "virtual", "--compute-model", args.compute_model,
            "--max-steps", "0", "--max-stream-s", str(args.stream_s),
            "--eval-steps", str(eval_steps), "--eval-samples", str(args.eval_samples),
-           "--source", args.source, "--log-dir", str(log_dir)]
+           "--source", args.source, "--log-dir", str(log_dir),
+           "--max-train-bsz", str(args.max_train_bsz)] + args.launcher_args
     env = dict(os.environ, PYTHONPATH=str(REPO))
     started = time.monotonic()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
@@ -61,7 +63,8 @@ def main() -> None:
     parser.add_argument("--eval-every-s", type=float, default=10.0)
     parser.add_argument("--eval-samples", type=int, default=2000)
     parser.add_argument("--source", default="kafka", choices=["kafka", "inprocess"])
-    args = parser.parse_args()
+    parser.add_argument("--max-train-bsz", type=int, default=64, help="scadles: b_max")
+    args, args.launcher_args = parser.parse_known_args()  # the rest goes to the launcher
     targets = [float(t) for t in args.targets.split(",")]
 
     rows = []

@@ -11,7 +11,7 @@
 #     broker unless KAFKA_BOOTSTRAP is set, the producer and the ranks, and stops all of them
 #     on exit, failure or Ctrl-C.
 # Extra launcher flags: pass them to the script (`bash streamsim_vgg19.sh --eval-steps 10`)
-# or in EXTRA_ARGS. Booleans: RESUME=1, DOWNLOAD=1, ERROR_FEEDBACK=0.
+# or in EXTRA_ARGS. Booleans: RESUME=1, DOWNLOAD=1, ERROR_FEEDBACK=0, STEP_WHEN_FULL=1.
 
 set -euo pipefail
 
@@ -27,7 +27,7 @@ SCADLES_PARAMS=(
   lr:--lr momentum:--momentum weight_decay:--weight-decay gamma:--gamma milestones:--milestones
   global_bsz:--global-bsz train_bsz:--train-bsz min_train_bsz:--min-train-bsz
   max_train_bsz:--max-train-bsz window_s:--window-s policy:--policy
-  buffer_capacity:--buffer-capacity
+  buffer_capacity:--buffer-capacity warmup_steps:--warmup-steps max_lr:--max-lr
   clock:--clock compute_model:--compute-model comm_model:--comm-model max_steps:--max-steps
   max_stream_s:--max-stream-s
   eval_steps:--eval-steps eval_samples:--eval-samples checkpoint_every:--checkpoint-every
@@ -108,6 +108,7 @@ run_scadles() {
   [ "${RESUME:-0}" = 1 ] && args+=(--resume)
   [ "${DOWNLOAD:-0}" = 1 ] && args+=(--download)
   [ "${ERROR_FEEDBACK:-${error_feedback:-1}}" = 0 ] && args+=(--no-error-feedback)
+  [ "${STEP_WHEN_FULL:-${step_when_full:-0}}" = 1 ] && args+=(--step-when-full)
   local -a extra=()
   [ -n "${EXTRA_ARGS:-}" ] && read -ra extra <<< "$EXTRA_ARGS"
 

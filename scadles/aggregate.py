@@ -230,6 +230,29 @@ def scaled_lr(base_lr: float, global_bsz: int, ref_global_bsz: int) -> float:
     return base_lr * global_bsz / ref_global_bsz
 
 
+def warmup_lr(base_lr: float, target_lr: float, step: int, warmup_steps: int) -> float:
+    """Gradual warmup (Goyal et al. 2017): step 1..``warmup_steps`` climbs linearly from
+    ``base_lr`` towards ``target_lr`` (reached at step ``warmup_steps``); a target at or
+    below the base lr is used as it is (nothing to warm up)."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if warmup_steps == 0 or target_lr <= base_lr:
+        return target_lr
+    progress = min(1.0, max(step, 0) / warmup_steps)
+    return base_lr + (target_lr - base_lr) * progress
+
+
+def step_lr(base_lr: float, global_bsz: int, ref_global_bsz: int, step: int, *,
+            scale: bool, warmup_steps: int = 0, max_lr: float = 0.0) -> float:
+    """The learning rate of training step ``step`` (1-based) before the MultiStep decay:
+    ``base_lr`` unscaled (ddp), else linearly scaled by the global batch, warmed up over
+    ``warmup_steps`` and capped at ``max_lr`` (0: no cap)."""
+    if not scale:
+        return base_lr
+    lr = warmup_lr(base_lr, scaled_lr(base_lr, global_bsz, ref_global_bsz), step, warmup_steps)
+    return min(lr, max_lr) if max_lr > 0 else lr
+
+
 def multistep_factor(samples_seen_global: int, epoch_samples: int,
                      milestones_epochs: Iterable[float], gamma: float) -> float:
     """MultiStep decay on epochs of samples consumed by the whole group: ``gamma`` to the

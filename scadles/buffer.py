@@ -418,9 +418,12 @@ class StreamBuffer:
     # -- public ---------------------------------------------------------------------------
 
     def next_window_batch(self, clock, min_bsz: int, max_bsz: int,
-                          last_step_s: float) -> Batch:
+                          last_step_s: float, step_when_full: bool = False) -> Batch:
         """ScaDLES: wait until ``window_s`` has passed since ``last_step_s`` and ``min_bsz``
-        samples are there (or the stream ended), then take up to ``max_bsz``."""
+        samples are there (or the stream ended), then take up to ``max_bsz``.
+
+        ``step_when_full`` (not in the paper): a buffer that holds ``max_bsz`` samples before
+        the window is over does not wait for the rest of it."""
         if not 0 <= min_bsz <= max_bsz:
             raise ValueError(f"need 0 <= min_bsz ({min_bsz}) <= max_bsz ({max_bsz})")
         if min_bsz > self.capacity:
@@ -429,7 +432,10 @@ class StreamBuffer:
         if self.ended:
             return self._take(clock, start, 0, newest=False)
         ready_s = max(clock.now(), last_step_s + self.window_s)
-        self._wait_until(clock, ready_s)
+        if step_when_full:
+            ready_s = self._wait_until_full(clock, max_bsz, ready_s)
+        else:
+            self._wait_until(clock, ready_s)
         if self.policy == "truncation":
             # The current window is (ready_s - window_s, ...]: samples arriving while we
             # wait for min_bsz beyond ready_s belong to it too, so the wait always ends.
@@ -563,6 +569,35 @@ class StreamBuffer:
             if self._horizon_s >= drain_from_s:
                 break
         self._admit(math.inf)
+
+    def _wait_until_full(self, clock, count: int, until_s: float) -> float:
+        """Admit arrivals until ``count`` samples are there or ``until_s`` has come (then as
+        ``_wait_until``); return the time the device is ready."""
+        needed = f"{count} samples or t={until_s:.3f}"
+        if clock.is_virtual:
+            while not self._known_until(clock.now()):
+                self._fetch(self.poll_timeout_s, needed)
+            self._admit(clock.now())
+            while len(self._buf) < count and not self._eos_admitted:
+                while not self._pending and self._eos is None:
+                    self._fetch(self.poll_timeout_s, needed)
+                next_s = self._pending[0][1].event_time_s if self._pending \
+                    else self._eos[1].event_time_s
+                if next_s > until_s:
+                    break
+                while not self._known_until(next_s):
+                    self._fetch(self.poll_timeout_s, needed)
+                clock.advance_to(next_s)
+                self._admit(clock.now())
+        else:
+            while (len(self._buf) < count and self._eos is None
+                   and clock.now() < until_s):
+                self._fetch(min(until_s - clock.now(), self.poll_timeout_s), needed)
+                self._admit(math.inf)
+        if len(self._buf) >= count:
+            return clock.now()
+        self._wait_until(clock, until_s)
+        return until_s
 
     def _wait_for_count(self, clock, count: int) -> None:
         """Wait until ``count`` samples are admitted or the stream has ended."""

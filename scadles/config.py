@@ -95,6 +95,15 @@ class Config:
                                  "0 lets a device with no data take part with weight 0")
     max_train_bsz: int = _opt(64, "scadles: largest local batch")
     window_s: float = _opt(1.0, "scadles: stream seconds between steps")
+    step_when_full: bool = _opt(False, "scadles: a device whose buffer holds "
+                                       "--max-train-bsz samples steps without waiting out "
+                                       "the window (not in the paper)")
+    warmup_steps: int = _opt(10, "gradual warmup of the scaled learning rate (Goyal et al. "
+                                 "2017): from the base lr to the scaled one over this many "
+                                 "steps (0: none; no effect without scaling, as in ddp)")
+    max_lr: float = _opt(0.15, "cap on the scaled learning rate (0: none); the default is "
+                               "the largest lr the default model (smallcnn) trains at "
+                               "stably: 0.2 diverges")
     policy: str = _opt("persistence", "persistence | truncation")
     buffer_capacity: int = _opt(10_000, "samples a device buffer holds; overflow drops the "
                                         "oldest")
@@ -333,7 +342,8 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
     non_negative = dict(min_train_bsz=cfg.min_train_bsz, max_steps=cfg.max_steps,
                         eval_steps=cfg.eval_steps, eval_samples=cfg.eval_samples,
                         checkpoint_every=cfg.checkpoint_every, momentum=cfg.momentum,
-                        weight_decay=cfg.weight_decay, fail_at_step=cfg.fail_at_step)
+                        weight_decay=cfg.weight_decay, fail_at_step=cfg.fail_at_step,
+                        warmup_steps=cfg.warmup_steps, max_lr=cfg.max_lr)
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: must be >= 0")

@@ -48,6 +48,16 @@ def say(message: str) -> None:
     print(f"launch: {message}", flush=True)
 
 
+def time_model(cfg: Config) -> dict:
+    """How stream time is charged (run.json's ``time_model``): the compute and comm models
+    resolved, with the model and hardware a paper preset stands for."""
+    from scadles.clock import CommModel, ComputeModel
+
+    compute = ComputeModel(cfg.compute_model)
+    return {"clock": cfg.clock, "compute": compute.describe(),
+            "comm": CommModel(cfg.comm_model).for_compute(compute).describe()}
+
+
 class Launcher:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -106,7 +116,8 @@ class Launcher:
                 self.log_dir).get("resumed", []) + [{"at": time.time(),
                                                      "topic_prefix": cfg.topic_prefix}])
         else:
-            metrics.write_run_json(self.log_dir, cfg.to_dict(), partition)
+            metrics.write_run_json(self.log_dir, cfg.to_dict(), partition,
+                                   time_model=time_model(cfg))
 
     def _resume_settings(self) -> None:
         """A resumed run replays the same streams: same start time, fresh topics (the stream

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from scadles import checkpoint, metrics
-from scadles.aggregate import aggregation_weight, multistep_factor, scaled_lr
+from scadles.aggregate import aggregation_weight, multistep_factor, step_lr
 from scadles.buffer import InProcessSource, KafkaSource, StreamBuffer
 from scadles.clock import CommModel, ComputeModel, VirtualClock, WallClock
 from scadles.comm import make_comm, share_cpu_threads
@@ -228,6 +228,7 @@ def train(cfg: Config, comm) -> dict:
                         seed=cfg.seed).to(device)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout etc. differ across ranks
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    dense_bytes = sum(p.numel() * p.element_size() for _, p in named_params)
     for _, p in named_params:
         p.grad = torch.zeros_like(p)  # an empty batch contributes zero gradients
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -313,7 +314,7 @@ def train(cfg: Config, comm) -> dict:
         # -- a batch from the stream (plus injected samples).
         if cfg.mode == "scadles":
             batch = buffer.next_window_batch(clock, cfg.min_train_bsz, cfg.max_train_bsz,
-                                             last_step_s)
+                                             last_step_s, cfg.step_when_full)
         else:
             batch = buffer.next_fixed_batch(clock, cfg.train_bsz)
         last_step_s = clock.now()
@@ -368,8 +369,8 @@ def train(cfg: Config, comm) -> dict:
 
         # -- learning rate: linear scaling (scadles) and the group's MultiStep schedule.
         factor = multistep_factor(samples_global, epoch_samples, cfg.milestones, cfg.gamma)
-        lr = (scaled_lr(cfg.lr, global_bsz, cfg.global_bsz) if cfg.mode == "scadles"
-              else cfg.lr) * factor
+        lr = step_lr(cfg.lr, global_bsz, cfg.global_bsz, step, scale=cfg.mode == "scadles",
+                     warmup_steps=cfg.warmup_steps, max_lr=cfg.max_lr) * factor
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
@@ -378,7 +379,9 @@ def train(cfg: Config, comm) -> dict:
 
         # -- time: this step's compute and sync, then the group's latest clock.
         compute_s = compute_model.seconds(measured_compute_s, local_bsz, rank)
-        sync_s = comm_model.seconds(measured_sync_s, exchange["bytes_sent"])
+        sync_s = comm_model.seconds(measured_sync_s, exchange["bytes_sent"],
+                                    compressed=exchange["compressed"],
+                                    dense_bytes=dense_bytes, world_size=world_size)
         clock.advance(compute_s + sync_s)
         t_end = agree(comm, [clock.now()], op="max")[0]
         clock.advance_to(t_end)

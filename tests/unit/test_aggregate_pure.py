@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from scadles.aggregate import (DenseExchanger, aggregation_weight, flatten_grads, global_batch,
-                               make_buckets, multistep_factor, scaled_lr, unflatten_into)
+                               make_buckets, multistep_factor, scaled_lr, step_lr,
+                               unflatten_into, warmup_lr)
 
 
 class FakeGroup:
@@ -31,6 +32,26 @@ def test_scaled_lr_is_linear_in_global_batch():
         scaled_lr(0.1, 64, 0)
     with pytest.raises(ValueError, match="global batch size"):
         scaled_lr(0.1, -1, 64)
+
+
+def test_warmup_climbs_linearly_from_the_base_lr_to_the_scaled_one():
+    assert warmup_lr(0.1, 0.5, step=1, warmup_steps=4) == pytest.approx(0.2)
+    assert warmup_lr(0.1, 0.5, step=2, warmup_steps=4) == pytest.approx(0.3)
+    assert warmup_lr(0.1, 0.5, step=4, warmup_steps=4) == pytest.approx(0.5)
+    assert warmup_lr(0.1, 0.5, step=40, warmup_steps=4) == pytest.approx(0.5)
+    assert warmup_lr(0.1, 0.5, step=1, warmup_steps=0) == 0.5  # no warmup
+    assert warmup_lr(0.1, 0.05, step=1, warmup_steps=4) == 0.05  # scaled down: as it is
+    with pytest.raises(ValueError):
+        warmup_lr(0.1, 0.5, 1, -1)
+
+
+def test_step_lr_scales_warms_up_and_caps_only_in_scaled_mode():
+    # B = 4 x the reference: target 0.4, warmed up over 3 steps, capped at 0.3.
+    lrs = [step_lr(0.1, 256, 64, s, scale=True, warmup_steps=3) for s in (1, 2, 3, 9)]
+    assert lrs == pytest.approx([0.2, 0.3, 0.4, 0.4])
+    assert step_lr(0.1, 256, 64, 9, scale=True, warmup_steps=3, max_lr=0.3) == 0.3
+    assert step_lr(0.1, 256, 64, 1, scale=False, warmup_steps=3, max_lr=0.05) == 0.1
+    assert step_lr(0.1, 32, 64, 1, scale=True, warmup_steps=3) == pytest.approx(0.05)
 
 
 def test_multistep_factor_counts_epochs_of_group_samples():

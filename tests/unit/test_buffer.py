@@ -107,6 +107,34 @@ def test_max_batch_caps_the_batch(dataset):
     assert len(b) == 16 and b.buffer_len == 65 - 16 and b.seqs.tolist() == list(range(16))
 
 
+def test_step_when_full_does_not_wait_out_the_window(dataset):
+    # rate 8: the 4th sample (seq 3) arrives at 3/8 s; b_max = 4 is there by then.
+    buf, clock = make_buffer(dataset, rate=8), VirtualClock()
+    b = buf.next_window_batch(clock, min_bsz=2, max_bsz=4, last_step_s=T0,
+                              step_when_full=True)
+    assert clock.now() == T0 + 3 / 8 and b.seqs.tolist() == [0, 1, 2, 3]
+    assert b.buffer_len == 0 and b.wait_s == 3 / 8
+    # A slow stream never fills b_max within the window: it waits the window out, as without.
+    slow, slow_clock = make_buffer(dataset, rate=2), VirtualClock()
+    b = slow.next_window_batch(slow_clock, min_bsz=1, max_bsz=4, last_step_s=T0,
+                               step_when_full=True)
+    assert slow_clock.now() == T0 + 1 and b.seqs.tolist() == [0, 1, 2]
+    # A backlog of b_max or more: ready at once.
+    clock.advance(2.0)
+    b = buf.next_window_batch(clock, min_bsz=2, max_bsz=4, last_step_s=clock.now(),
+                              step_when_full=True)
+    assert clock.now() == T0 + 3 / 8 + 2 and b.seqs.tolist() == [4, 5, 6, 7]
+    assert b.wait_s == 0
+
+
+def test_step_when_full_under_truncation_keeps_the_current_window(dataset):
+    buf, clock = make_buffer(dataset, rate=8, policy="truncation"), VirtualClock()
+    b = buf.next_window_batch(clock, min_bsz=2, max_bsz=4, last_step_s=T0,
+                              step_when_full=True)
+    assert clock.now() == T0 + 3 / 8 and b.seqs.tolist() == [0, 1, 2, 3]
+    assert b.truncated == 0
+
+
 def test_fixed_batch_waits_for_bsz_so_a_slow_stream_waits_longer(dataset):
     fast, slow = make_buffer(dataset, rate=8), make_buffer(dataset, rate=2)
     fast_clock, slow_clock = VirtualClock(), VirtualClock()

@@ -123,6 +123,43 @@ def test_comm_model():
     assert CommModel("auto").for_compute(ComputeModel("measured")).seconds(0.5, 10) == 0.5
 
 
+def test_paper_presets_take_the_papers_batch_64_time_and_name_the_model():
+    from scadles.clock import PAPER_COMPUTE, ComputeModel
+
+    for name, seconds in (("resnet152", 1.2), ("vgg19", 1.6)):
+        model = ComputeModel(f"paper-{name}")
+        assert model.deterministic and model.seconds(99.0, 64, 3) == pytest.approx(seconds)
+        assert model.seconds(0.0, 128, 0) > model.seconds(0.0, 64, 0)
+        doc = model.describe()
+        assert doc["preset"] == f"paper-{name}" and doc["hardware"] == "K80"
+        assert doc["model_params"] == PAPER_COMPUTE[name]["params"]
+    with pytest.raises(ValueError, match="paper-resnet152"):
+        ComputeModel("paper-alexnet")
+
+
+def test_ethernet_comm_model_charges_the_presets_model_by_world_size():
+    from scadles.clock import ComputeModel
+
+    comm = CommModel("paper-ethernet").for_compute(ComputeModel("paper-resnet152"))
+    assert comm.describe()["charged_model"] == "ResNet152"
+    grad = 60.2e6 * 4
+    bytes_per_s = 5e9 / 8
+    # Dense: a ring allreduce of ResNet152's gradient, whatever the trained model's size.
+    for w in (2, 16):
+        want = 2 * (w - 1) * 1e-4 + 2 * (w - 1) / w * grad / bytes_per_s
+        assert comm.seconds(0.0, 1000, dense_bytes=1000, world_size=w) == pytest.approx(want)
+    assert comm.seconds(0.0, 1000, dense_bytes=1000, world_size=1) == 0.0
+    # Compressed: the allgather of every rank's payload (here a fifth of the dense bytes).
+    want = 15 * 1e-4 + 15 * 0.2 * grad / bytes_per_s
+    assert comm.seconds(0.0, 200, compressed=True, dense_bytes=1000,
+                        world_size=16) == pytest.approx(want)
+    # Without a preset it charges the trained model's own gradient.
+    own = CommModel("ethernet:1,0").for_compute(ComputeModel("linear:0.1,0.01"))
+    assert own.seconds(0.0, 1000, dense_bytes=1000, world_size=2) == pytest.approx(8e-6)
+    with pytest.raises(ValueError):
+        CommModel("ethernet:0")
+
+
 def test_launch_rejects_bad_config_before_starting_anything(tmp_path):
     """The launcher itself: exit 2, one line, quickly, and no log dir (nothing started)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
