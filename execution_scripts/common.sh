@@ -29,8 +29,8 @@ SCADLES_PARAMS=(
   max_train_bsz:--max-train-bsz window_s:--window-s policy:--policy
   buffer_capacity:--buffer-capacity warmup_steps:--warmup-steps max_lr:--max-lr
   clock:--clock compute_model:--compute-model comm_model:--comm-model max_steps:--max-steps
-  max_stream_s:--max-stream-s
-  eval_steps:--eval-steps eval_samples:--eval-samples checkpoint_every:--checkpoint-every
+  max_stream_s:--max-stream-s stream_delay_s:--stream-delay-s
+  eval_steps:--eval-steps eval_every_s:--eval-every-s eval_samples:--eval-samples checkpoint_every:--checkpoint-every
   log_dir:--log-dir
   compression:--compression compression_ratio:--compression-ratio
   delta_threshold:--delta-threshold adaptive_signal:--adaptive-signal ewma_alpha:--ewma-alpha

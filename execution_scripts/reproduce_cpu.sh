@@ -1,38 +1,43 @@
 #!/usr/bin/env bash
-# Reproduce the paper's four claims at CPU scale: Fashion-MNIST, a small CNN, a virtual clock
-# with a modelled compute time (deterministic, independent of how loaded this machine is),
-# then one report per comparison and an index of all of them.
+# Reproduce the paper's claims at CPU scale, with the paper's stream rates, batch limits and
+# baseline, and its testbed's step and exchange times as a calibrated time model; store every
+# run's compact record and regenerate docs/RESULTS.md from them.
 #
-#   bash execution_scripts/reproduce_cpu.sh            # full: ~25-35 min on 2 CPU cores
-#   QUICK=1 bash execution_scripts/reproduce_cpu.sh    # smoke run: a few minutes
-#   OUT=/tmp/r ONLY=tta-S10,inject bash execution_scripts/reproduce_cpu.sh
-#   OUT=/tmp/r REPORT_ONLY=1 bash execution_scripts/reproduce_cpu.sh   # redo the reports only
+#   bash execution_scripts/reproduce_cpu.sh            # full: about an hour on 2 CPU cores
+#   QUICK=1 bash execution_scripts/reproduce_cpu.sh    # smoke run: a few minutes (records and
+#                                                      # a results page under OUT)
+#   OUT=/tmp/r ONLY=grid,window bash execution_scripts/reproduce_cpu.sh
+#   OUT=/tmp/r REPORT_ONLY=1 bash execution_scripts/reproduce_cpu.sh   # store and report again
 #
-# The comparisons (each a folder under OUT, each with its report under OUT/report/):
-#   tta-S10, tta-S1  ScaDLES against the ddp baseline (fixed batch 64 per device, persistence,
-#                    waits for the slowest stream), 16 IID devices, rates drawn from the paper's
-#                    S10 / S1 distributions (a new draw per seed). Claim: up to 3.29x faster
-#                    convergence (time to a target accuracy, in stream seconds).
-#   buffer           persistence against truncation on fast streams (S2, ~300 samples/s per
-#                    device) that a device cannot train at line rate (at most 64 samples per
-#                    1-s window): persistence's backlog grows, truncation keeps one window.
-#                    Claim: buffers 848x-9,429x smaller at little accuracy cost.
-#   inject           10 devices with one label each (noniid), without and with randomized data
-#                    injection (alpha = beta = 0.25), the same number of samples trained. Uses
-#                    the batch-norm variant of the small CNN: without batch norm, weighted
-#                    aggregation over all devices already gives the balanced gradient and
-#                    non-IID streams cost nothing (see docs/RESULTS.md).
-#   compression      no compression / static Top-k / adaptive compression, with an edge link
-#                    model (--comm-model link:MBIT/S,LATENCY) so the bytes a step sends cost
-#                    stream time.
-# Streams: the long or fast comparisons (tta-*, buffer) use in-process streams (the same
-# records the Kafka producer would send, generated in each rank; millions of records would
-# not fit the embedded broker's memory), inject and compression go through the real embedded
-# Kafka broker. SOURCE=kafka|inprocess forces one source for all.
+# Learning: smallcnn on Fashion-MNIST (the paper: ResNet152 / VGG19 on CIFAR, far beyond two
+# CPU cores). Time: a virtual clock charging each step the paper's K80 compute time
+# (--compute-model paper-resnet152 | paper-vgg19: 1.2 s / 1.6 s at batch 64, the shape
+# measured on the real models) and a ring allreduce (or, compressed, an allgather) of
+# ResNet152's / VGG19's gradient on 5 Gbit/s Ethernet (--comm-model paper-ethernet).
 #
-# Every parameter below can be overridden from the environment. Runs go through common.sh
-# and `python -m scadles.launch`, like the other execution scripts. A failing run stops the
-# script with its exit status and the tail of its output; the full output of each run is in
+# The comparisons (each a folder under OUT with its runs; records under RESULTS_DIR):
+#   grid       the paper's Fig. 6 and Table VI: 16 IID devices, rates S1 / S2 / S10 / S20,
+#              ResNet152 and VGG19 timing, three methods per cell and seed: ddp (batch 64,
+#              persistence: the paper's DDL), fig6 (ScaDLES, weighted aggregation alone,
+#              persistence, b_min 8, b_max 1024) and full (truncation + adaptive Top-k, CR 0.1,
+#              delta 0.3). The three runs of a cell and seed get the same stream-time budget:
+#              GRID_DDP_STEPS of ddp's predicted step (scadles.predict), evaluated every
+#              budget / GRID_EVALS stream seconds.
+#   ablations  ddp with a batch of 16, ScaDLES with b_min 1 (ResNet152 timing, seed 0).
+#   window     the window under cheap compute (4 devices, S2, b_max 64, 50 ms + 2 ms per
+#              sample): ddp, ScaDLES as the paper defines the window, and --step-when-full.
+#   tablev     the paper's Table V: adaptive Top-k over delta x CR, 8 devices, S10, over Kafka.
+#   clocks     a real-time run over the embedded Kafka broker (measured compute) and its
+#              virtual-clock replay with the compute time fitted to it.
+#   buffer     persistence against truncation on fast streams (S2, 8 devices, b_max 1024),
+#              buffers unbounded so that persistence's backlog is measured.
+#   inject     10 one-label devices without and with randomized data injection (over Kafka).
+# Streams: in-process (the same records the producer sends) for grid, ablations, window and
+# buffer (millions of records would not fit the embedded broker's memory); tablev, clocks and
+# inject go through the real embedded Kafka broker.
+#
+# Every parameter below can be overridden from the environment. A failing run stops the
+# script with its exit status and the tail of its output; each run's full output is in
 # OUT/<comparison>/<run>/console.log.
 set -euo pipefail
 
@@ -42,58 +47,71 @@ QUICK="${QUICK:-0}"
 q() { if [ "$QUICK" = 1 ]; then echo "$2"; else echo "$1"; fi; }  # q FULL QUICK
 
 OUT="${OUT:-$REPO/logs/reproduce-$(date +%Y%m%d-%H%M%S)$(q "" -quick)}"
-ONLY="${ONLY:-tta-S10,tta-S1,buffer,inject,compression}"   # comparisons to run
+RESULTS_DIR="${RESULTS_DIR:-$(q "$REPO/docs/results" "$OUT/results")}"  # compact records
+PAGE="${PAGE:-$(q "$REPO/docs/RESULTS.md" "$OUT/RESULTS.md")}"        # regenerated page
+ONLY="${ONLY:-grid,ablations,window,tablev,clocks,buffer,inject}"
 BACKEND_="${REPRO_BACKEND:-gloo}"
-MODEL_="${MODEL:-smallcnn}"                 # comparisons tta, buffer, compression
-BN_MODEL="${BN_MODEL:-smallcnn-bn}"         # the injection comparison (batch norm)
+MODEL_="${MODEL:-smallcnn}"
+BN_MODEL="${BN_MODEL:-smallcnn-bn}"        # inject (batch norm makes non-IID skew matter)
 DATASET_="${DATASET:-fashion-mnist}"
-LR_="${LR:-0.1}"                            # base lr for a global batch of 64 x devices
-COMPUTE="${COMPUTE_MODEL:-linear:0.05,0.002}"  # modelled step: 50 ms + 2 ms per sample
-EVAL_SAMPLES_="${EVAL_SAMPLES:-2000}"
-SOURCE_FAST="${SOURCE:-inprocess}"          # tta-*, buffer
-SOURCE_KAFKA="${SOURCE:-kafka}"             # inject, compression
+LR_="${LR:-0.1}"                           # base lr for a global batch of 64 x devices
+EVAL_SAMPLES_="${EVAL_SAMPLES:-1000}"
+COMM_PAPER="${COMM_MODEL:-paper-ethernet}"
 
-# (1) time to accuracy: both modes for a number of steps. A scadles step lasts one 1-s window
-# unless its slowest stream needs longer to deliver b_min = 8 samples; a ddp step lasts as long
-# as the slowest stream needs to deliver 64 samples (up to a minute with S1 rates).
-TTA_WORLD="${TTA_WORLD:-$(q 16 2)}"
-TTA_SEEDS="${TTA_SEEDS:-$(q 0,1 0)}"
-TTA_SCADLES_STEPS="${TTA_SCADLES_STEPS:-$(q 250 12)}"
-TTA_DDP_STEPS="${TTA_DDP_STEPS:-$(q 120 6)}"
-TTA_SCADLES_EVAL="${TTA_SCADLES_EVAL:-$(q 5 4)}"   # evaluate every N steps
-TTA_DDP_EVAL="${TTA_DDP_EVAL:-$(q 2 2)}"
-TTA_TARGET="${TTA_TARGET:-$(q 75 '')}"           # top-1 % for time to target ('' = report's)
-# (2) buffer policies on fast streams
+# grid: the paper's Fig. 6 / Table VI
+GRID_WORLD="${GRID_WORLD:-$(q 16 4)}"
+GRID_RATES="${GRID_RATES:-$(q S1,S2,S10,S20 S10,S2)}"
+GRID_SEEDS_RESNET="${GRID_SEEDS_RESNET:-$(q 0,1,2 0)}"
+GRID_SEEDS_VGG="${GRID_SEEDS_VGG:-$(q 0,1 0)}"
+GRID_DDP_STEPS="${GRID_DDP_STEPS:-$(q 120 6)}"   # the budget: this many predicted ddp steps
+GRID_MAX_STEPS="${GRID_MAX_STEPS:-$(q 400 20)}"  # and at most this many steps of any run
+GRID_EVALS="${GRID_EVALS:-$(q 60 3)}"            # evaluations over the budget
+GRID_BMIN="${GRID_BMIN:-8}"
+GRID_BMAX="${GRID_BMAX:-1024}"
+GRID_CR="${GRID_CR:-0.1}"
+GRID_DELTA="${GRID_DELTA:-0.3}"
+# ablations (ResNet152 timing)
+ABL_RATES="${ABL_RATES:-$GRID_RATES}"
+ABL_SEED="${ABL_SEED:-0}"
+# window: cheap compute, b_max 64, where a full buffer waits out the window
+WIN_WORLD="${WIN_WORLD:-$(q 4 2)}"
+WIN_RATES="${WIN_RATES:-S2}"
+WIN_SEEDS="${WIN_SEEDS:-$(q 0,1 0)}"
+WIN_STREAM_S="${WIN_STREAM_S:-$(q 150 6)}"
+WIN_COMPUTE="${WIN_COMPUTE:-linear:0.05,0.002}"
+# tablev: adaptive Top-k over delta x CR, over Kafka
+TV_WORLD="${TV_WORLD:-$(q 8 2)}"
+TV_RATES="${TV_RATES:-S10}"
+TV_SEED="${TV_SEED:-0}"
+TV_STREAM_S="${TV_STREAM_S:-$(q 300 12)}"
+TV_DELTAS="${TV_DELTAS:-$(q 0.1,0.2,0.3,0.4 0.3)}"
+TV_RATIOS="${TV_RATIOS:-$(q 0.1,0.01 0.1)}"
+# clocks: wall clock over Kafka against its virtual replay
+CLK_WORLD="${CLK_WORLD:-4}"
+CLK_RATES="${CLK_RATES:-16,24,32,48}"
+CLK_STREAM_S="${CLK_STREAM_S:-$(q 90 8)}"
+CLK_DELAY_S="${CLK_DELAY_S:-15}"        # the stream starts this long after launch (ranks up)
+# buffer policies on fast streams
 BUF_WORLD="${BUF_WORLD:-$(q 8 2)}"
 BUF_RATES="${BUF_RATES:-S2}"
 BUF_SEEDS="${BUF_SEEDS:-$(q 0,1 0)}"
-BUF_STREAM_S="${BUF_STREAM_S:-$(q 200 10)}"
-BUF_TARGET="${BUF_TARGET:-$(q 80 '')}"
-BUF_CAPACITY="${BUF_CAPACITY:-1000000}"  # large: persistence's backlog is what is measured
-# (3) injection on one-label devices
+BUF_STREAM_S="${BUF_STREAM_S:-$(q 300 30)}"
+BUF_CAPACITY="${BUF_CAPACITY:-10000000}"  # unbounded: persistence's backlog is what is measured
+# injection on one-label devices
 INJ_WORLD="${INJ_WORLD:-$(q 10 3)}"
 INJ_RATE="${INJ_RATE:-64}"
 INJ_SHARE="${INJ_SHARE:-0.25}"           # alpha = beta
 INJ_BUDGET="${INJ_BUDGET:-$(q 60000 2500)}"  # samples trained per run (local + injected)
 INJ_LR="${INJ_LR:-0.05}"
 INJ_SEEDS="${INJ_SEEDS:-$(q 0,1 0)}"
-INJ_TARGET="${INJ_TARGET:-$(q 70 '')}"
-# (4) compression with a modelled edge link
-COMP_WORLD="${COMP_WORLD:-$(q 8 2)}"
-COMP_RATES="${COMP_RATES:-S10}"
-COMP_SEEDS="${COMP_SEEDS:-$(q 0,1,2 0)}"
-COMP_STREAM_S="${COMP_STREAM_S:-$(q 300 12)}"
-COMP_LINK="${COMP_LINK:-link:2,0.01}"    # 2 Mbit/s uplink, 10 ms latency
-COMP_RATIO="${COMP_RATIO:-0.01}"         # Top-k (static, adaptive): fraction of elements sent
-COMP_MILD_RATIO="${COMP_MILD_RATIO-$(q 0.1 "")}"  # a milder static Top-k beside it ("" = none)
-COMP_DELTA="${COMP_DELTA:-0.55}"         # adaptive: compress when the signal is <= this
-COMP_TARGET="${COMP_TARGET:-$(q 75 '')}"
 
 say() { printf '%s\n' "reproduce: $*"; }
 die() { printf '%s\n' "reproduce: $*" >&2; exit 1; }
 [ -x "$PYTHON" ] || die "no Python at $PYTHON: run 'make venv' first (or set PYTHON)"
 wanted() { [[ ",$ONLY," == *",$1,"* ]]; }
-seeds() { tr ',' ' ' <<< "$1"; }
+list() { tr ',' ' ' <<< "$1"; }
+count() { list "$1" | wc -w; }
+py() { PYTHONPATH="$REPO" "$PYTHON" "$@"; }
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 START_S=$SECONDS
@@ -102,27 +120,18 @@ declare -A DIRS LABELS   # comparison -> space-separated run dirs / comma-separa
 
 # Number of runs (for "[k/N]"), from the same settings as below.
 count_runs() {
-  local n=0 s
-  wanted tta-S10 && n=$((n + 2 * $(seeds "$TTA_SEEDS" | wc -w)))
-  wanted tta-S1 && n=$((n + 2 * $(seeds "$TTA_SEEDS" | wc -w)))
-  wanted buffer && n=$((n + 2 * $(seeds "$BUF_SEEDS" | wc -w)))
-  wanted inject && n=$((n + 2 * $(seeds "$INJ_SEEDS" | wc -w)))
-  wanted compression && n=$((n + ($([ -n "$COMP_MILD_RATIO" ] && echo 4 || echo 3)) \
-                                   * $(seeds "$COMP_SEEDS" | wc -w)))
+  local n=0
+  wanted grid && n=$((n + 3 * $(count "$GRID_RATES") * ($(count "$GRID_SEEDS_RESNET") \
+                                                        + $(count "$GRID_SEEDS_VGG"))))
+  wanted ablations && n=$((n + 2 * $(count "$ABL_RATES")))
+  wanted window && n=$((n + 3 * $(count "$WIN_SEEDS")))
+  wanted tablev && n=$((n + 1 + $(count "$TV_DELTAS") * $(count "$TV_RATIOS")))
+  wanted clocks && n=$((n + 2))
+  wanted buffer && n=$((n + 2 * $(count "$BUF_SEEDS")))
+  wanted inject && n=$((n + 2 * $(count "$INJ_SEEDS")))
   echo "$n"
 }
 RUN_TOTAL="$(count_runs)"
-
-# The stream length a scadles run of STEPS steps needs: its steps last at least one window,
-# and as long as the slowest stream needs to deliver b_min samples (the launcher's default
-# length assumes one window per step, which cuts very slow streams short).
-scadles_duration() {  # scadles_duration RATES WORLD SEED STEPS -> seconds
-  PYTHONPATH="$REPO" "$PYTHON" -c "
-import math, sys
-from streamsim.schedule import parse_rates
-slowest = min(parse_rates(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
-print(math.ceil(1.5 * int(sys.argv[4]) * max(1.0, 8 / slowest) + 10))" "$@"
-}
 
 # Show the lines of a run's output that say how far it is; keep all of it in console.log.
 progress_filter() {  # progress_filter TAG LOGFILE
@@ -136,10 +145,10 @@ progress_filter() {  # progress_filter TAG LOGFILE
   done
 }
 
-# One training run through common.sh / scadles.launch.
+# One training run through common.sh / scadles.launch, then its compact record.
 #   run_one COMPARISON LABEL DIRNAME param=value... [-- extra launcher flags]
-# LABEL names the run in the report (a -seedN suffix groups seeds); DIRNAME is its log folder
-# under OUT/COMPARISON, named after model, method and key settings.
+# LABEL names the run and its record (RESULTS_DIR/COMPARISON/LABEL.json; a -seedN suffix
+# groups seeds); DIRNAME is its log folder under OUT/COMPARISON.
 run_one() {
   local comparison="$1" label="$2" dirname="$3"
   shift 3
@@ -158,12 +167,13 @@ run_one() {
     # Every launcher parameter is set here, so nothing leaks in from the environment
     # except EXTRA_ARGS (added to every run) and ERROR_FEEDBACK.
     mode=scadles backend="$BACKEND_" model="$MODEL_" dataset="$DATASET_" partition=iid
-    world_size=2 seed=0 rates=S10 source="$SOURCE_FAST" lr="$LR_" clock=virtual
-    compute_model="$COMPUTE" comm_model=auto policy=persistence compression=none
-    alpha=0 beta=0 eval_samples="$EVAL_SAMPLES_" checkpoint_every=0 max_steps=0
-    rate_schedule=constant arrivals=even momentum=0.9 weight_decay=1e-4
+    world_size=2 seed=0 rates=S10 source=inprocess lr="$LR_" clock=virtual
+    compute_model=paper-resnet152 comm_model="$COMM_PAPER" policy=persistence
+    compression=none alpha=0 beta=0 eval_samples="$EVAL_SAMPLES_" checkpoint_every=0
+    max_steps=0 rate_schedule=constant arrivals=even momentum=0.9 weight_decay=1e-4
     min_train_bsz=8 max_train_bsz=64 train_bsz=64 window_s=1.0 buffer_capacity=10000
-    global_bsz= duration_s= max_stream_s= eval_steps=50 milestones= gamma=0.1
+    warmup_steps=10 max_lr=0.15 step_when_full=0 stream_delay_s=0
+    global_bsz= duration_s= max_stream_s= eval_steps=0 eval_every_s=0 milestones= gamma=0.1
     topic_prefix= data_dir="${DATA_DIR:-}" image_size= compression_ratio=0.01
     delta_threshold=0.3 adaptive_signal=paper ewma_alpha=0.1 gradnorm_threshold=
     gradnorm_interval= inject_from=devices pool_topic=
@@ -176,7 +186,8 @@ run_one() {
     log_dir="$log_dir"
     # common.sh must not refill the parameters left empty on purpose from the environment.
     unset RATES RATES_SCHEDULE DURATION_S MAX_STREAM_S GLOBAL_BSZ MILESTONES TOPIC_PREFIX \
-          IMAGE_SIZE GRADNORM_THRESHOLD GRADNORM_INTERVAL POOL_TOPIC LOG_DIR
+          IMAGE_SIZE GRADNORM_THRESHOLD GRADNORM_INTERVAL POOL_TOPIC LOG_DIR STEP_WHEN_FULL \
+          STREAM_DELAY_S
     # shellcheck source=common.sh
     source "$REPO/execution_scripts/common.sh"
     run_scadles "${extra[@]}"
@@ -189,81 +200,176 @@ run_one() {
     tail -n 25 "$log_dir/console.log" | sed 's/^/  | /' >&2
     exit "$status"
   fi
-  say "[$tag] done in $(( SECONDS - started )) s: $(PYTHONPATH="$REPO" "$PYTHON" -c "
+  say "[$tag] done in $(( SECONDS - started )) s: $(py -c "
 import json, sys
 s = json.load(open(sys.argv[1] + '/run.json'))['summary']
 print(f\"{s['steps']} steps, {s['stream_s']:.0f} s of stream, {s['samples']} samples, \"
       f\"final top-1 {s['final_top1']:.2f}%, best {s['best_top1']:.2f}%\")" "$log_dir")"
   printf '%s %s\n' "$label" "$log_dir" >> "$OUT/$comparison/runs.txt"
-  DIRS[$comparison]+="$log_dir "
-  LABELS[$comparison]+="${LABELS[$comparison]:+,}$label"
+  store_record "$comparison" "$label" "$log_dir"
 }
 
-# REPORT_ONLY=1: the runs listed in OUT/<comparison>/runs.txt, reported again.
-load_runs() {
-  local comparison label dir
-  RUN_TOTAL=0
-  for comparison in tta-S10 tta-S1 buffer inject compression; do
-    [ -f "$OUT/$comparison/runs.txt" ] || continue
-    while read -r label dir; do
-      DIRS[$comparison]+="$dir "
-      LABELS[$comparison]+="${LABELS[$comparison]:+,}$label"
-      RUN_TOTAL=$((RUN_TOTAL + 1))
-    done < "$OUT/$comparison/runs.txt"
-  done
+store_record() {  # store_record COMPARISON LABEL LOG_DIR
+  py -m scadles.results store "$3" "$RESULTS_DIR/$1/$2.json" > /dev/null \
+    || die "storing the record of $3 failed (see above)"
+  DIRS[$1]+="$3 "
+  LABELS[$1]+="${LABELS[$1]:+,}$2"
 }
 
-# -- (1) ScaDLES vs ddp: time to accuracy -------------------------------------------------------
-run_tta() {  # run_tta RATES
-  local rates="$1" seed
-  for seed in $(seeds "$TTA_SEEDS"); do
-    local common=(world_size="$TTA_WORLD" rates="$rates" seed="$seed" source="$SOURCE_FAST")
-    run_one "tta-$rates" "scadles-$rates-seed$seed" \
-      "${MODEL_}_scadles_${rates}_w${TTA_WORLD}_persistence-seed$seed" "${common[@]}" \
-      mode=scadles max_steps="$TTA_SCADLES_STEPS" eval_steps="$TTA_SCADLES_EVAL" \
-      duration_s="$(scadles_duration "$rates" "$TTA_WORLD" "$seed" "$TTA_SCADLES_STEPS")"
-    run_one "tta-$rates" "ddp-$rates-seed$seed" \
-      "${MODEL_}_ddp_${rates}_w${TTA_WORLD}_bsz64_persistence-seed$seed" "${common[@]}" \
-      mode=ddp max_steps="$TTA_DDP_STEPS" eval_steps="$TTA_DDP_EVAL"
-  done
+# The stream-time budget of a grid cell and seed, and its evaluation interval:
+# GRID_DDP_STEPS steps of ddp's predicted pace on the seed's drawn rates.
+grid_budget() {  # grid_budget RATES SEED TIMING -> "STREAM_S EVAL_EVERY_S"
+  py -c "
+import sys
+from scadles.predict import predict
+from streamsim.schedule import parse_rates
+rates, world, seed, timing, steps, evals, comm = sys.argv[1:]
+p = predict(parse_rates(rates, int(world), int(seed)), compute_model='paper-' + timing,
+            comm_model=comm)
+budget = int(steps) * p.ddp.step_s
+print(f'{budget:.1f} {budget / int(evals):.3f}')" \
+    "$1" "$GRID_WORLD" "$2" "$3" "$GRID_DDP_STEPS" "$GRID_EVALS" "$COMM_PAPER"
 }
 
-# -- (2) persistence vs truncation ------------------------------------------------------------
-run_buffer() {
-  local seed
-  for seed in $(seeds "$BUF_SEEDS"); do
-    for policy in persistence truncation; do
-      run_one buffer "$policy-seed$seed" \
-        "${MODEL_}_scadles_${BUF_RATES}_w${BUF_WORLD}_${policy}_cap${BUF_CAPACITY}-seed$seed" \
-        world_size="$BUF_WORLD" rates="$BUF_RATES" seed="$seed" policy="$policy" \
-        buffer_capacity="$BUF_CAPACITY" max_stream_s="$BUF_STREAM_S" \
-        eval_steps="$(( BUF_STREAM_S / 10 > 1 ? BUF_STREAM_S / 10 : 1 ))"
+# -- grid: Fig. 6 and Table VI ---------------------------------------------------------------
+run_grid() {
+  local timing seeds rates seed budget every common
+  for timing in resnet152 vgg19; do
+    seeds="$GRID_SEEDS_RESNET"; [ "$timing" = vgg19 ] && seeds="$GRID_SEEDS_VGG"
+    for rates in $(list "$GRID_RATES"); do
+      for seed in $(list "$seeds"); do
+        read -r budget every <<< "$(grid_budget "$rates" "$seed" "$timing")"
+        common=(world_size="$GRID_WORLD" rates="$rates" seed="$seed"
+                compute_model="paper-$timing" max_stream_s="$budget" eval_every_s="$every"
+                max_steps="$GRID_MAX_STEPS" min_train_bsz="$GRID_BMIN" max_train_bsz="$GRID_BMAX")
+        run_one grid "$timing-$rates-ddp-seed$seed" \
+          "${MODEL_}_ddp_${rates}_w${GRID_WORLD}_bsz64_$timing-seed$seed" "${common[@]}" mode=ddp
+        run_one grid "$timing-$rates-fig6-seed$seed" \
+          "${MODEL_}_scadles_${rates}_w${GRID_WORLD}_persistence_bmax${GRID_BMAX}_$timing-seed$seed" \
+          "${common[@]}"
+        run_one grid "$timing-$rates-full-seed$seed" \
+          "${MODEL_}_scadles_${rates}_w${GRID_WORLD}_truncation_adaptive${GRID_CR}-${GRID_DELTA}_$timing-seed$seed" \
+          "${common[@]}" policy=truncation compression=adaptive \
+          compression_ratio="$GRID_CR" delta_threshold="$GRID_DELTA"
+      done
     done
   done
 }
 
-# -- (3) non-IID devices, with and without injection ----------------------------------------------
+# -- ablations: ddp batch 16, ScaDLES b_min 1 -------------------------------------------------
+run_ablations() {
+  local rates budget every common
+  for rates in $(list "$ABL_RATES"); do
+    read -r budget every <<< "$(grid_budget "$rates" "$ABL_SEED" resnet152)"
+    common=(world_size="$GRID_WORLD" rates="$rates" seed="$ABL_SEED"
+            compute_model=paper-resnet152 max_stream_s="$budget" eval_every_s="$every"
+            max_steps="$GRID_MAX_STEPS" max_train_bsz="$GRID_BMAX")
+    run_one ablations "resnet152-$rates-ddp-bsz16-seed$ABL_SEED" \
+      "${MODEL_}_ddp_${rates}_w${GRID_WORLD}_bsz16_resnet152-seed$ABL_SEED" "${common[@]}" \
+      mode=ddp train_bsz=16
+    run_one ablations "resnet152-$rates-fig6-bmin1-seed$ABL_SEED" \
+      "${MODEL_}_scadles_${rates}_w${GRID_WORLD}_persistence_bmin1_resnet152-seed$ABL_SEED" \
+      "${common[@]}" min_train_bsz=1
+  done
+}
+
+# -- window: cheap compute, where a full buffer waits out the window ----------------------------
+run_window() {
+  local seed common
+  for seed in $(list "$WIN_SEEDS"); do
+    common=(world_size="$WIN_WORLD" rates="$WIN_RATES" seed="$seed" compute_model="$WIN_COMPUTE"
+            comm_model=auto max_stream_s="$WIN_STREAM_S" eval_every_s=5)
+    run_one window "ddp-seed$seed" "${MODEL_}_ddp_${WIN_RATES}_w${WIN_WORLD}_cheap-seed$seed" \
+      "${common[@]}" mode=ddp
+    run_one window "scadles-seed$seed" \
+      "${MODEL_}_scadles_${WIN_RATES}_w${WIN_WORLD}_bmax64_cheap-seed$seed" "${common[@]}"
+    run_one window "scadles-step-when-full-seed$seed" \
+      "${MODEL_}_scadles_${WIN_RATES}_w${WIN_WORLD}_bmax64_whenfull_cheap-seed$seed" \
+      "${common[@]}" step_when_full=1
+  done
+}
+
+# -- tablev: adaptive Top-k over delta x CR ----------------------------------------------------
+run_tablev() {
+  local ratio delta
+  local -a common=(world_size="$TV_WORLD" rates="$TV_RATES" seed="$TV_SEED" source=kafka
+                   policy=truncation max_train_bsz="$GRID_BMAX" max_stream_s="$TV_STREAM_S"
+                   eval_every_s="$(( TV_STREAM_S / 10 > 1 ? TV_STREAM_S / 10 : 1 ))")
+  run_one tablev none "${MODEL_}_scadles_${TV_RATES}_w${TV_WORLD}_truncation_none" "${common[@]}"
+  for ratio in $(list "$TV_RATIOS"); do
+    for delta in $(list "$TV_DELTAS"); do
+      run_one tablev "adaptive-cr$ratio-delta$delta" \
+        "${MODEL_}_scadles_${TV_RATES}_w${TV_WORLD}_truncation_adaptive$ratio-$delta" \
+        "${common[@]}" compression=adaptive compression_ratio="$ratio" delta_threshold="$delta"
+    done
+  done
+}
+
+# -- clocks: a real-time run and its virtual replay ----------------------------------------------
+run_clocks() {
+  local -a common=(world_size="$CLK_WORLD" rates="$CLK_RATES" seed=0 source=kafka
+                   max_stream_s="$CLK_STREAM_S" eval_every_s="$(( CLK_STREAM_S / 6 > 1 ? CLK_STREAM_S / 6 : 1 ))")
+  run_one clocks wall "${MODEL_}_scadles_w${CLK_WORLD}_wallclock" "${common[@]}" clock=wall \
+    compute_model=measured comm_model=auto stream_delay_s="$CLK_DELAY_S"
+  # The replay charges what the wall-clock run measured: compute A + B x batch fitted to its
+  # rows, and its mean exchange time.
+  local fitted
+  fitted="$(py - "$OUT/clocks/${MODEL_}_scadles_w${CLK_WORLD}_wallclock" <<'EOF'
+import json, sys
+from pathlib import Path
+import numpy as np
+rows = [json.loads(line) for f in sorted(Path(sys.argv[1]).glob("rank-*.jsonl"))
+        for line in open(f) if '"kind": "train"' in line]
+if not rows:
+    sys.exit("the wall-clock run trained no step: nothing to fit (is CLK_DELAY_S long enough "
+             "for the ranks to start?)")
+b = np.array([r["local_bsz"] for r in rows], float)
+t = np.array([r["compute_s"] for r in rows], float)
+slope, intercept = np.polyfit(b, t, 1) if len(set(b)) > 1 else (0.0, float(t.mean()))
+print(f"linear:{max(intercept, 0.0):.6f},{max(slope, 0.0):.8f} "
+      f"fixed:{np.mean([r['sync_s'] for r in rows]):.6f}")
+EOF
+)" || die "fitting the wall-clock run's step time failed"
+  run_one clocks virtual "${MODEL_}_scadles_w${CLK_WORLD}_virtual_replay" "${common[@]}" \
+    clock=virtual compute_model="${fitted% *}" comm_model="${fitted#* }"
+}
+
+# -- buffer: persistence against truncation on fast streams ---------------------------------------
+run_buffer() {
+  local seed policy
+  for seed in $(list "$BUF_SEEDS"); do
+    for policy in persistence truncation; do
+      run_one buffer "$policy-seed$seed" \
+        "${MODEL_}_scadles_${BUF_RATES}_w${BUF_WORLD}_${policy}_bmax${GRID_BMAX}-seed$seed" \
+        world_size="$BUF_WORLD" rates="$BUF_RATES" seed="$seed" policy="$policy" \
+        max_train_bsz="$GRID_BMAX" buffer_capacity="$BUF_CAPACITY" \
+        max_stream_s="$BUF_STREAM_S" eval_every_s="$(( BUF_STREAM_S / 10 > 1 ? BUF_STREAM_S / 10 : 1 ))"
+    done
+  done
+}
+
+# -- inject: non-IID devices, with and without injection --------------------------------------------
 run_inject() {
-  local seed share rates label name global steps i
+  local seed share rates label name steps i
   rates="$(for ((i = 0; i < INJ_WORLD; i++)); do printf '%s,' "$INJ_RATE"; done)"
   rates="${rates%,}"
-  for seed in $(seeds "$INJ_SEEDS"); do
+  for seed in $(list "$INJ_SEEDS"); do
     for share in 0 "$INJ_SHARE"; do
       # The same samples trained in every run: steps = budget / expected global batch
       # (local window plus, per chosen peer, beta of its window), as bench_injection.py.
-      read -r global steps <<< "$(PYTHONPATH="$REPO" "$PYTHON" -c "
+      steps="$(py -c "
 import sys
 from scadles.inject import num_peers
 share, world, rate, budget = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), \
     int(sys.argv[4])
 g = world * (rate + num_peers(share, world) * share * rate)
-print(round(g), max(1, round(budget / g)))" "$share" "$INJ_WORLD" "$INJ_RATE" "$INJ_BUDGET")"
+print(max(1, round(budget / g)))" "$share" "$INJ_WORLD" "$INJ_RATE" "$INJ_BUDGET")"
       if [ "$share" = 0 ]; then label="no-injection-seed$seed"; name="noinject"
       else label="injection-a${share}-b${share}-seed$seed"; name="inject${share}-${share}"; fi
       run_one inject "$label" \
         "${BN_MODEL}_scadles_noniid_w${INJ_WORLD}_rate${INJ_RATE}_${name}-seed$seed" \
         model="$BN_MODEL" world_size="$INJ_WORLD" partition=noniid rates="$rates" \
-        seed="$seed" source="$SOURCE_KAFKA" lr="$INJ_LR" min_train_bsz=1 \
+        seed="$seed" source=kafka lr="$INJ_LR" min_train_bsz=1 \
         max_train_bsz="${INJ_RATE%.*}" compute_model=fixed:0.1 comm_model=fixed:0 \
         max_steps="$steps" eval_steps="$(( steps / 8 > 1 ? steps / 8 : 1 ))" \
         alpha="$share" beta="$share"
@@ -271,217 +377,65 @@ print(round(g), max(1, round(budget / g)))" "$share" "$INJ_WORLD" "$INJ_RATE" "$
   done
 }
 
-# -- (4) compression -------------------------------------------------------------------------
-run_compression() {
-  local seed method ratio label settings
-  local -a methods=(none:1 static:"$COMP_RATIO" adaptive:"$COMP_RATIO")
-  [ -n "$COMP_MILD_RATIO" ] && methods=(none:1 static:"$COMP_MILD_RATIO" "${methods[@]:1}")
-  for seed in $(seeds "$COMP_SEEDS"); do
-    for method in "${methods[@]}"; do
-      ratio="${method#*:}"
-      method="${method%%:*}"
-      label="$method" settings=""
-      if [ "$method" != none ]; then label+="-$ratio"; settings="_topk$ratio"; fi
-      [ "$method" = adaptive ] && settings+="_delta${COMP_DELTA}"
-      run_one compression "$label-seed$seed" \
-        "${MODEL_}_scadles_${COMP_RATES}_w${COMP_WORLD}_${method}${settings}_${COMP_LINK//[:,]/-}-seed$seed" \
-        world_size="$COMP_WORLD" rates="$COMP_RATES" seed="$seed" source="$SOURCE_KAFKA" \
-        compression="$method" compression_ratio="$ratio" delta_threshold="$COMP_DELTA" \
-        comm_model="$COMP_LINK" max_stream_s="$COMP_STREAM_S" \
-        eval_steps="$(( COMP_STREAM_S / 30 > 1 ? COMP_STREAM_S / 30 : 1 ))"
-    done
-  done
-}
-
-# -- reports ---------------------------------------------------------------------------------
-report() {  # report COMPARISON BASELINE TARGET DESCRIPTION
-  local comparison="$1" baseline="$2" target="$3" description="$4"
+# -- per-comparison reports (plots of the full logs) ----------------------------------------------
+report() {  # report COMPARISON BASELINE
+  local comparison="$1" baseline="$2"
   [ -n "${DIRS[$comparison]:-}" ] || return 0
-  local -a args=(--out "$OUT/report/$comparison" --labels "${LABELS[$comparison]}"
-                 --baseline "$baseline")
-  [ -n "$target" ] && args+=(--target "$target")
   # shellcheck disable=SC2086
-  PYTHONPATH="$REPO" "$PYTHON" -m scadles.report ${DIRS[$comparison]} "${args[@]}" \
+  py -m scadles.report ${DIRS[$comparison]} --out "$OUT/report/$comparison" \
+    --labels "${LABELS[$comparison]}" ${baseline:+--baseline "$baseline"} > /dev/null \
     || die "the report of $comparison failed (see above)"
-  local extra=""
-  case "$comparison" in  # a table of its own for the claims the report's table misses
-    # shellcheck disable=SC2086
-    buffer) extra="$(buffer_peaks "$OUT/report/buffer/peak_buffers.md" ${DIRS[buffer]})" \
-              || die "the peak buffer table failed (see above)" ;;
-    # shellcheck disable=SC2086
-    inject) extra="$(inject_top5 "$OUT/report/inject/top5.md" ${DIRS[inject]})" \
-              || die "the top-5 table failed (see above)" ;;
-    # shellcheck disable=SC2086
-    tta-*) extra="$(tta_paired "$OUT/report/$comparison" "$target" ${DIRS[$comparison]})" \
-             || die "the paired speedup table of $comparison failed (see above)" ;;
-  esac
-  [ -z "$extra" ] || printf '%s\n' "$extra"
-  {
-    printf '\n## %s\n\n%s\n\n' "$comparison" "$description"
-    [ -z "$extra" ] || printf '%s\n\n' "$extra"
-    # The comparison's page, its headings one level down and its plots in its folder.
-    sed -e 's/^#/##/' -e "s#](\([A-Za-z_]*\.png\))#]($comparison/\1)#g" \
-      "$OUT/report/$comparison/report.md"
-  } >> "$OUT/report/index.md"
 }
 
-# The buffer comparison's peak buffers, per run and as persistence / truncation per seed: the
-# most samples any device's buffer held (the run summary's per-device peak, counted as samples
-# are admitted). The report's "Peak buffer" column is read from the step rows, which log the
-# buffer after the batch was taken (truncation then logs 0).
-buffer_peaks() {  # buffer_peaks OUTFILE RUN_DIR...
-  PYTHONPATH="$REPO" "$PYTHON" - "$@" <<'EOF'
-import sys
-from pathlib import Path
-from scadles.report import load_run
-
-out, dirs = Path(sys.argv[1]), sys.argv[2:]
-rows = {}
-for d in dirs:
-    run = load_run(d)
-    devices = run.summary.get("devices") or []
-    if devices:
-        peak = max(int(dev["peak_buffer"]) for dev in devices)
-    else:  # older logs: what was held when a batch was formed
-        peak = max(int(r.get("buffer_len") or 0) + int(r.get("local_bsz") or 0)
-                   + int(r.get("truncated") or 0) for rank in run.train.values() for r in rank)
-    seed = run.config.get("seed")
-    rows[(run.config.get("policy"), seed)] = (peak, run.summary.get("final_top1"))
-lines = ["| Seed | Peak buffer, persistence | Peak buffer, truncation | Ratio | "
-         "Final top-1, persistence / truncation (%) |", "|---|---|---|---|---|"]
-for seed in sorted({s for _, s in rows}):
-    p, t = rows.get(("persistence", seed)), rows.get(("truncation", seed))
-    if not (p and t):
-        continue
-    ratio = f"{p[0] / t[0]:,.0f}x" if t[0] else "n/a"
-    lines.append(f"| {seed} | {p[0]:,} | {t[0]:,} | {ratio} | {p[1]:.2f} / {t[1]:.2f} |")
-text = ("Peak buffer: the most samples any device's buffer held at any time (largest over "
-        "devices):\n\n" + "\n".join(lines) + "\n")
-out.write_text(text)
-print(text)
-EOF
-}
-
-# The injection comparison in the paper's terms: final top-1 and top-5 per run.
-inject_top5() {  # inject_top5 OUTFILE RUN_DIR...
-  PYTHONPATH="$REPO" "$PYTHON" - "$@" <<'EOF'
-import sys
-from pathlib import Path
-from scadles.report import load_run
-
-out, dirs = Path(sys.argv[1]), sys.argv[2:]
-lines = ["| Run | alpha = beta | Samples trained | Injected | Final top-1 (%) | "
-         "Final top-5 (%) |", "|---|---|---|---|---|---|"]
-for d in dirs:
-    run = load_run(d)
-    s, c = run.summary, run.config
-    injected = sum(int(r.get("injected") or 0) for rank in run.train.values() for r in rank)
-    lines.append(f"| {Path(d).name} | {c.get('alpha', 0):g} | {s.get('samples', 0):,} | "
-                 f"{injected:,} | {s['final_top1']:.2f} | {s['final_top5']:.2f} |")
-text = "Final accuracy of each run (the paper reports top-5):\n\n" + "\n".join(lines) + "\n"
-out.write_text(text)
-print(text)
-EOF
-}
-
-# Time to accuracy per seed: ScaDLES against the ddp run of the same seed (the same streams),
-# and a report per seed (its accuracy plot keeps each seed's own time axis: with S1 the
-# slowest stream, and so a ddp step, differs several-fold between seeds).
-tta_paired() {  # tta_paired OUT_FOLDER TARGET RUN_DIR...
-  local folder="$1" target="$2" seed dir
-  shift 2
-  local -a pair
-  for seed in $(printf '%s\n' "$@" | sed -n 's/.*-seed\([0-9][0-9]*\)$/\1/p' | sort -un); do
-    pair=()
-    for dir in "$@"; do [[ "$dir" == *-seed$seed ]] && pair+=("$dir"); done
-    [ "${#pair[@]}" -eq 2 ] || continue
-    PYTHONPATH="$REPO" "$PYTHON" -m scadles.report "${pair[@]}" --out "$folder/seed$seed" \
-      --baseline "${pair[1]}" ${target:+--target "$target"} > /dev/null \
-      || die "the seed-$seed report of $folder failed"
+# REPORT_ONLY=1: the runs listed in OUT/<comparison>/runs.txt, stored and reported again.
+load_runs() {
+  local comparison label dir
+  RUN_TOTAL=0
+  for comparison in grid ablations window tablev clocks buffer inject; do
+    [ -f "$OUT/$comparison/runs.txt" ] || continue
+    rm -rf "${RESULTS_DIR:?}/$comparison"
+    while read -r label dir; do
+      store_record "$comparison" "$label" "$dir"
+      RUN_TOTAL=$((RUN_TOTAL + 1))
+    done < "$OUT/$comparison/runs.txt"
   done
-  PYTHONPATH="$REPO" "$PYTHON" - "$folder/paired.md" "${target:-}" "$@" <<'EOF'
-import math, statistics, sys
-from pathlib import Path
-from scadles.report import default_target, load_run, parse_target, time_to_target
-
-out, target, dirs = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-runs = [load_run(d) for d in dirs]
-target = parse_target(target) if target else default_target(runs)
-by_seed = {}
-for run in runs:
-    by_seed.setdefault(run.config.get("seed"), {})[run.config.get("mode")] = run
-def fmt(t):
-    return "not reached" if t is None else f"{t:,.0f}"
-def step_at(run, t):
-    return next((p["step"] for p in run.evals if p["clock_s"] == t), None)
-lines = [f"| Seed | Slowest rate (samples/s) | ScaDLES: time to {100 * target:.0f}% (s), step "
-         f"| ddp: time (s), step | Speedup | Final top-1 ScaDLES / ddp (%) |",
-         "|---|---|---|---|---|---|"]
-speedups = []
-for seed in sorted(by_seed):
-    pair = by_seed[seed]
-    if set(pair) != {"scadles", "ddp"}:
-        continue
-    s, d = pair["scadles"], pair["ddp"]
-    ts, td = time_to_target(s.evals, target), time_to_target(d.evals, target)
-    rates = [dev["rate_per_s"] for dev in s.summary.get("devices") or []]
-    slowest = f"{min(rates):.1f}" if rates else "?"
-    speedup = td / ts if ts and td else None
-    if speedup:
-        speedups.append(speedup)
-    lines.append(f"| {seed} | {slowest} | {fmt(ts)}, {step_at(s, ts) or '-'} | {fmt(td)}, "
-                 f"{step_at(d, td) or '-'} | {'n/a' if speedup is None else f'{speedup:.2f}x'} "
-                 f"| {s.summary['final_top1']:.2f} / {d.summary['final_top1']:.2f} |")
-text = (f"Time to {100 * target:.0f}% top-1 per seed, each ScaDLES run against the ddp run of "
-        "the same seed (same streams); per-seed reports in seed*/report.md.\n\n"
-        + "\n".join(lines) + "\n")
-if speedups:
-    geo = math.exp(sum(map(math.log, speedups)) / len(speedups))
-    sd = f" ± {statistics.stdev(speedups):.2f}" if len(speedups) > 1 else ""
-    text += (f"\nSpeedup over {len(speedups)} seed(s): mean {statistics.mean(speedups):.2f}x"
-             f"{sd}, geometric mean {geo:.2f}x, range {min(speedups):.2f}x to "
-             f"{max(speedups):.2f}x.\n")
-out.write_text(text)
-print(text)
-EOF
 }
 
 if [ "${REPORT_ONLY:-0}" = 1 ]; then
-  say "REPORT_ONLY=1: reporting the runs listed in $OUT/*/runs.txt again"
+  say "REPORT_ONLY=1: storing and reporting the runs listed in $OUT/*/runs.txt again"
   load_runs
   rm -rf "$OUT/report"
 else
-  say "writing to $OUT ($RUN_TOTAL runs$( [ "$QUICK" = 1 ] && echo ', QUICK smoke settings'))"
-  # Which code made the runs (the index quotes it, also when the reports are redone).
-  printf '%s\n' "at commit \`$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)\`$(
-    git -C "$REPO" diff --quiet HEAD 2>/dev/null && [ -z "$(git -C "$REPO" status --porcelain \
-      2>/dev/null)" ] || echo ' plus uncommitted changes'), started $(date -u '+%Y-%m-%d %H:%M UTC')$(
-    [ "$QUICK" = 1 ] && echo ', QUICK=1')" > "$OUT/provenance.txt"
-  wanted tta-S10 && run_tta S10
-  wanted tta-S1 && run_tta S1
+  say "writing to $OUT, records to $RESULTS_DIR ($RUN_TOTAL runs$( [ "$QUICK" = 1 ] && echo ', QUICK smoke settings'))"
+  for comparison in $(list "$ONLY"); do rm -rf "${RESULTS_DIR:?}/$comparison"; done
+  commit="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  dirty=false
+  [ -z "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ] || dirty=true
+  started="$(date -u '+%Y-%m-%d %H:%M UTC')"
+  wanted grid && run_grid
+  wanted ablations && run_ablations
+  wanted window && run_window
+  wanted tablev && run_tablev
+  wanted clocks && run_clocks
   wanted buffer && run_buffer
   wanted inject && run_inject
-  wanted compression && run_compression
-  echo "$(( SECONDS - START_S ))" > "$OUT/wall_s.txt"
+  mkdir -p "$RESULTS_DIR"
+  printf '{"command": "%s", "commit": "%s", "dirty": %s, "started": "%s", "wall_s": %d, "cpus": %d, "quick": %s, "only": "%s"}\n' \
+    "bash execution_scripts/reproduce_cpu.sh" "$commit" "$dirty" "$started" \
+    "$(( SECONDS - START_S ))" "$(nproc)" "$([ "$QUICK" = 1 ] && echo true || echo false)" \
+    "$ONLY" > "$RESULTS_DIR/provenance.json"
+  say "all $RUN_TOTAL runs done in $(( SECONDS - START_S )) s"
 fi
 
 mkdir -p "$OUT/report"
-{
-  echo "# ScaDLES at CPU scale: the four comparisons"
-  echo
-  echo "Made by \`execution_scripts/reproduce_cpu.sh\` $(cat "$OUT/provenance.txt" 2>/dev/null)," \
-       "$RUN_TOTAL runs in $(cat "$OUT/wall_s.txt" 2>/dev/null || echo '?') s of wall time;" \
-       "runs in \`$OUT\`."
-} > "$OUT/report/index.md"
-report tta-S10 "ddp-S10" "$TTA_TARGET" \
-  "ScaDLES against ddp, $TTA_WORLD IID devices, rates drawn from S10 (normal, mean 64, sd 24)."
-report tta-S1 "ddp-S1" "$TTA_TARGET" \
-  "ScaDLES against ddp, $TTA_WORLD IID devices, rates drawn from S1 (uniform, mean 38, sd 24)."
-report buffer "persistence" "$BUF_TARGET" \
-  "Persistence against truncation, $BUF_WORLD devices at $BUF_RATES rates (fast streams)."
-report inject "no-injection" "$INJ_TARGET" \
-  "$INJ_WORLD one-label devices ($BN_MODEL), without and with injection (alpha = beta = $INJ_SHARE)."
-report compression "none" "$COMP_TARGET" \
-  "No compression / static Top-k$( [ -n "$COMP_MILD_RATIO" ] && echo " ($COMP_MILD_RATIO and $COMP_RATIO)" || echo " ($COMP_RATIO)") / adaptive Top-$COMP_RATIO (compress when the signal <= $COMP_DELTA), $COMP_WORLD devices, $COMP_RATES, comm model $COMP_LINK."
-[ "${REPORT_ONLY:-0}" = 1 ] || say "all $RUN_TOTAL runs done in $(( SECONDS - START_S )) s"
-say "report: $OUT/report/index.md (one folder per comparison under $OUT/report/)"
+report window ddp
+report tablev none
+report clocks wall
+report buffer persistence
+report inject no-injection
+# The results page: the repository's (its template when QUICK=1), regenerated from the records.
+[ -f "$PAGE" ] || cp "$REPO/docs/RESULTS.md" "$PAGE"
+[ -f "$RESULTS_DIR/compute_fit.json" ] || cp "$REPO/docs/results/compute_fit.json" "$RESULTS_DIR/" 2>/dev/null || true
+py -m scadles.report --write-results "$PAGE" || die "regenerating $PAGE failed (see above)"
+py -m scadles.report --verify-results "$PAGE" > /dev/null || die "$PAGE does not match its records"
+say "results page: $PAGE (figures in $(dirname "$PAGE")/figures); per-comparison reports in $OUT/report/"

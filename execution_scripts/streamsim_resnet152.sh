@@ -12,14 +12,14 @@ partition="${PARTITION:-iid}"
 world_size="${WORLD_SIZE:-10}"
 rates="${RATES:-S10}"                    # normal, mean 64, sd 24 samples/s per device
 seed="${SEED:-0}"
-lr="${LR:-0.4}"
+lr="${LR:-0.1}"                         # the paper trains ResNet152 at 0.1
 momentum="${MOMENTUM:-0.9}"
 weight_decay="${WEIGHT_DECAY:-1e-4}"
 gamma="${GAMMA:-0.1}"
 milestones="${MILESTONES:-75,150,225}"   # epochs of samples trained by the whole group
 policy="${POLICY:-persistence}"
 min_train_bsz="${MIN_TRAIN_BSZ:-8}"
-max_train_bsz="${MAX_TRAIN_BSZ:-64}"
+max_train_bsz="${MAX_TRAIN_BSZ:-64}"       # the original scripts'; the paper's b_max is 1024
 window_s="${WINDOW_S:-1.0}"
 clock="${CLOCK:-wall}"
 # Virtual clock: a modelled step time of a GPU-class device (0.1 s + 3 ms per sample), so the

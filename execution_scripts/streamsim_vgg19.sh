@@ -16,7 +16,7 @@ gamma="${GAMMA:-0.2}"
 milestones="${MILESTONES:-75,150,200}"   # epochs of samples trained by the whole group
 policy="${POLICY:-truncation}"
 min_train_bsz="${MIN_TRAIN_BSZ:-8}"
-max_train_bsz="${MAX_TRAIN_BSZ:-64}"
+max_train_bsz="${MAX_TRAIN_BSZ:-64}"       # the original scripts'; the paper's b_max is 1024
 window_s="${WINDOW_S:-1.0}"
 clock="${CLOCK:-wall}"
 # Virtual clock: a modelled step time of a GPU-class device (0.1 s + 3 ms per sample), so the

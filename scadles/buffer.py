@@ -374,6 +374,7 @@ class Batch:
     dropped: int               # dropped for capacity during this call
     truncated: int             # discarded by truncation during this call
     ended: bool                # the stream ended and nothing is left after this batch
+    buffer_peak: int = 0       # most samples held at once during this call (before taking)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -414,6 +415,7 @@ class StreamBuffer:
         self._call_started = self._last_arrival
         self.admitted = self.trained = self.dropped = self.truncated = 0
         self.peak_buffer_len = 0
+        self._call_peak = 0  # most samples held during the current batch call
 
     # -- public ---------------------------------------------------------------------------
 
@@ -489,6 +491,7 @@ class StreamBuffer:
 
     def _begin(self, clock) -> tuple[float, int, int]:
         self._call_started = time.monotonic()
+        self._call_peak = len(self._buf)
         return clock.now(), self.dropped, self.truncated
 
     def _fetch(self, timeout_s: float, needed: str) -> bool:
@@ -535,8 +538,10 @@ class StreamBuffer:
             for _ in range(over):
                 buf.popleft()
             self.dropped += over
-        if len(buf) > self.peak_buffer_len:
-            self.peak_buffer_len = len(buf)
+        if len(buf) > self._call_peak:
+            self._call_peak = len(buf)
+            if len(buf) > self.peak_buffer_len:
+                self.peak_buffer_len = len(buf)
         if (self._eos is not None and not pending
                 and self._eos[1].event_time_s <= t_s):
             self._eos_admitted = True
@@ -657,4 +662,5 @@ class StreamBuffer:
             dropped=self.dropped - dropped0,
             truncated=self.truncated - truncated0,
             ended=self.ended,
+            buffer_peak=self._call_peak,
         )

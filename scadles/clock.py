@@ -6,6 +6,7 @@ buffer can compare ``event_time_s <= clock.now()`` directly.
 """
 from __future__ import annotations
 
+import math
 import time
 
 from streamsim.record import VIRTUAL_EPOCH_S
@@ -115,7 +116,8 @@ class ComputeModel:
                 values = [float(v) for v in entry.split(",")]
             except ValueError:
                 raise ValueError(f"compute model {spec!r}: {entry!r} is not a number list")
-            if len(values) != (1 if kind == "fixed" else 2) or min(values) < 0:
+            if len(values) != (1 if kind == "fixed" else 2) or not all(
+                    math.isfinite(v) and v >= 0 for v in values):
                 raise ValueError(f"compute model {spec!r}: {kind} takes "
                                  f"{'SEC' if kind == 'fixed' else 'A,B'} >= 0 per device")
             params.append(values)
@@ -179,7 +181,8 @@ class CommModel:
             values = []
         ok = (kind == "fixed" and len(values) == 1) or (
             kind in ("link", "ethernet") and len(values) in (1, 2))
-        if not ok or min(values) < 0 or (kind in ("link", "ethernet") and values[0] <= 0):
+        if not ok or not all(math.isfinite(v) and v >= 0 for v in values) or (
+                kind in ("link", "ethernet") and values[0] <= 0):
             raise ValueError(f"comm model {spec!r}: use auto, measured, fixed:SEC, "
                              "link:MBIT_PER_S[,LATENCY_S], ethernet:GBIT_PER_S[,LATENCY_S] or "
                              "paper-ethernet (bandwidth > 0, latency >= 0)")

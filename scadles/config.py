@@ -98,9 +98,8 @@ class Config:
     step_when_full: bool = _opt(False, "scadles: a device whose buffer holds "
                                        "--max-train-bsz samples steps without waiting out "
                                        "the window (not in the paper)")
-    warmup_steps: int = _opt(10, "gradual warmup of the scaled learning rate (Goyal et al. "
-                                 "2017): from the base lr to the scaled one over this many "
-                                 "steps (0: none; no effect without scaling, as in ddp)")
+    warmup_steps: int = _opt(10, "learning-rate warmup: step s of the first N trains at s / N "
+                                 "of its lr, in both modes (0: none)")
     max_lr: float = _opt(0.15, "cap on the scaled learning rate (0: none); the default is "
                                "the largest lr the default model (smallcnn) trains at "
                                "stably: 0.2 diverges")
@@ -114,10 +113,16 @@ class Config:
     comm_model: str = _opt("auto", "sync seconds per step on the virtual clock: measured | "
                                    "fixed:SEC | link:MBIT_PER_S[,LATENCY_S] | auto (measured "
                                    "with a measured compute model, else 0)")
+    stream_delay_s: float = _opt(0.0, "wall clock: start the streams this many seconds after "
+                                      "launch, so that the ranks are up before the first "
+                                      "sample arrives (0: at launch)")
     max_steps: int = _opt(500, "stop after this many steps (0: no limit)")
     max_stream_s: float | None = _opt(None, "stop after this many stream seconds")
     # -- evaluation, checkpoints, logs ------------------------------------------------------
     eval_steps: int = _opt(50, "evaluate on the test split every N steps (0: only at the end)")
+    eval_every_s: float = _opt(0.0, "also evaluate at the first step past every SEC of stream "
+                                    "time (0: off): the same time resolution for modes whose "
+                                    "steps differ in length")
     eval_samples: int = _opt(2000, "test samples per evaluation (0: the whole split)")
     checkpoint_every: int = _opt(0, "checkpoint every N steps (0: never)")
     resume: bool = _opt(False, "continue the run in --log-dir from its last checkpoint")
@@ -343,7 +348,8 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
                         eval_steps=cfg.eval_steps, eval_samples=cfg.eval_samples,
                         checkpoint_every=cfg.checkpoint_every, momentum=cfg.momentum,
                         weight_decay=cfg.weight_decay, fail_at_step=cfg.fail_at_step,
-                        warmup_steps=cfg.warmup_steps, max_lr=cfg.max_lr)
+                        warmup_steps=cfg.warmup_steps, max_lr=cfg.max_lr,
+                        eval_every_s=cfg.eval_every_s)
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: must be >= 0")
@@ -385,6 +391,11 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
         compute = ComputeModel(cfg.compute_model)
     except ValueError as e:
         raise ConfigError(f"bad --compute-model: {e}") from None
+    if cfg.stream_delay_s < 0 or not math.isfinite(cfg.stream_delay_s):
+        raise ConfigError(f"--stream-delay-s {cfg.stream_delay_s}: must be >= 0 seconds")
+    if cfg.stream_delay_s and cfg.clock != "wall":
+        raise ConfigError("--stream-delay-s delays a real-time stream: it needs --clock wall "
+                          "(a virtual clock waits for the ranks anyway)")
     if compute.deterministic and cfg.clock == "wall":
         raise ConfigError(f"--compute-model {cfg.compute_model} models time on a virtual "
                           f"clock only: add --clock virtual or use --compute-model measured")

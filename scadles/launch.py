@@ -106,7 +106,8 @@ class Launcher:
         if cfg.source == "kafka":
             self._start_kafka()
         if cfg.stream_start_s is None:
-            cfg.stream_start_s = VIRTUAL_EPOCH_S if cfg.clock == "virtual" else time.time()
+            cfg.stream_start_s = (VIRTUAL_EPOCH_S if cfg.clock == "virtual"
+                                  else time.time() + cfg.stream_delay_s)
         if cfg.source == "kafka":
             self._start_producer()
             if cfg.alpha > 0 and cfg.inject_from == "pool":

@@ -4,7 +4,8 @@ Only this module writes run logs. A run directory holds:
 
 - ``rank-<r>.jsonl``: one row per line. ``{"kind": "train", "step", "clock_s" (stream
   seconds since the stream started), "local_bsz", "global_bsz", "lr", "wait_s",
-  "compute_s", "sync_s", "buffer_len", "dropped", "truncated", "loss", "bytes_sent",
+  "compute_s", "sync_s", "buffer_len", "buffer_peak" (most samples held while the batch
+  formed), "dropped", "truncated", "loss", "bytes_sent",
   "label_hist" (samples per label trained: {"label": count}), "seqs" (the device's own sequence numbers
   trained, as inclusive [first, last] ranges), plus the exchanger's "compressed", "ratio",
   "signal", "floats_sent", "compress_s" and, with injection, "injected", "injected_bytes"}``;

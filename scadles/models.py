@@ -21,7 +21,8 @@ def _resnet(arch: str) -> Callable[[int, int, int], nn.Module]:
     def build(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         import torchvision
 
-        model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
+                                                 zero_init_residual=True)
         if image_size <= SMALL_IMAGE_MAX:
             model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1,
                                     bias=False)

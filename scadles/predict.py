@@ -28,6 +28,7 @@ A measured speedup outside [min, max] of the two says the model misses something
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -133,3 +134,56 @@ def predict(rates: Sequence[float], *, compute_model: str, comm_model: str = "au
         ddp=ddp_pace(rates, train_bsz, slowest_compute, dense_x),
         scadles=scadles_pace(rates, b_min, b_max, window_s, slowest_compute, scadles_x,
                              policy, step_when_full))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m scadles.predict``: the predicted pace of one configuration's streams."""
+    import argparse
+    import json
+
+    from streamsim.schedule import parse_rates
+
+    p = argparse.ArgumentParser(prog="python -m scadles.predict", description=(
+        "Predicted step time, global batch and speedup bounds of ScaDLES against ddp "
+        "(closed form, constant rates)."))
+    p.add_argument("--rates", required=True, help="as the launcher takes them (S10, 10,20,..)")
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compute-model", required=True)
+    p.add_argument("--comm-model", default="auto")
+    p.add_argument("--min-train-bsz", type=int, default=8)
+    p.add_argument("--max-train-bsz", type=int, default=64)
+    p.add_argument("--window-s", type=float, default=1.0)
+    p.add_argument("--train-bsz", type=int, default=64)
+    p.add_argument("--policy", default="persistence", choices=["persistence", "truncation"])
+    p.add_argument("--compression-ratio", type=float, default=None,
+                   help="ScaDLES's exchanges compressed at this Top-k ratio")
+    p.add_argument("--step-when-full", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    args = p.parse_args(argv)
+    try:
+        rates = parse_rates(args.rates, args.world_size, args.seed)
+        pred = predict(rates, compute_model=args.compute_model, comm_model=args.comm_model,
+                       b_min=args.min_train_bsz, b_max=args.max_train_bsz,
+                       window_s=args.window_s, train_bsz=args.train_bsz, policy=args.policy,
+                       compression_ratio=args.compression_ratio,
+                       step_when_full=args.step_when_full)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    doc = {"slowest_rate": min(rates),
+           "ddp": {"step_s": pred.ddp.step_s, "global_bsz": pred.ddp.global_bsz},
+           "scadles": {"step_s": pred.scadles.step_s, "global_bsz": pred.scadles.global_bsz},
+           "step_bound": pred.step_bound, "sample_bound": pred.sample_bound}
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(f"slowest stream {min(rates):.1f} samples/s; ddp: {pred.ddp.step_s:.2f} s a "
+              f"step, B {pred.ddp.global_bsz:.0f}; scadles: {pred.scadles.step_s:.2f} s a step, "
+              f"B {pred.scadles.global_bsz:.0f}; speedup {pred.low:.2f}x to {pred.high:.2f}x "
+              f"(step-bound {pred.step_bound:.2f}x, sample-bound {pred.sample_bound:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -466,6 +466,28 @@ def _plt():
     return plt
 
 
+def _run_title(run: Run) -> str:
+    """A run as plots name it: its setting, rate set and seed."""
+    c = run.config
+    rates = c.get("rates")
+    rates = rates if isinstance(rates, str) and len(rates) <= 12 else None
+    parts = [run.setting] + ([rates] if rates and rates not in run.setting else []) + (
+        [f"seed {c['seed']}"] if c.get("seed") is not None else [])
+    return ", ".join(parts)
+
+
+def _common_title(runs: list[Run]) -> str:
+    """What the runs of a plot share: rate set and seed(s), e.g. ' (S10, seeds 0, 1)'."""
+    rates = {str(r.config.get("rates")) for r in runs if r.config.get("rates") is not None}
+    seeds = sorted({r.config.get("seed") for r in runs if r.config.get("seed") is not None})
+    parts = []
+    if len(rates) == 1 and len(next(iter(rates))) <= 12:
+        parts.append(next(iter(rates)))
+    if seeds:
+        parts.append(("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds)))
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _train_series(run: Run, key: str, reduce=max):
     """(steps, clock_s, reduced value over ranks) per step for one train field."""
     per_step: dict[int, list] = {}
@@ -549,7 +571,7 @@ def plot_accuracy(runs, target, path):
         ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1,
                    label=f"target {100 * target:.1f}%")
     _finish_over_time(ax, drawn, "test top-1 (%)", "no evaluation rows in these runs",
-                      "Accuracy against stream time")
+                      "Accuracy against stream time" + _common_title(runs))
     _save(plt, fig, path)
 
 
@@ -558,57 +580,70 @@ def plot_batch_sizes(reps, path):
     fig, axes = _grid(plt, len(reps) + 1)
     for run in reps:
         steps, _, bsz = _train_series(run, "global_bsz")
-        axes[0].plot(steps, bsz, label=run.setting)
-    axes[0].set_title("global batch size")
+        axes[0].plot(steps, bsz, label=_run_title(run))
+    axes[0].set_title("global batch size B")
     axes[0].set_xlabel("step")
+    axes[0].set_ylabel("samples")
     _integer_ticks(axes[0])
     axes[0].legend(fontsize=7)
     for ax, run in zip(axes[1:], reps):
         for rank in sorted(run.train):
             rows = [r for r in run.train[rank] if r.get("local_bsz") is not None]
             ax.plot([r["step"] for r in rows], [r["local_bsz"] for r in rows],
-                    linewidth=1, label=f"device {rank}")
-        ax.set_title(f"{run.setting}: local batch per device", fontsize=9)
+                    linewidth=1, label=f"device {rank}" if rank < 10 else None)
+        ax.set_title(f"{_run_title(run)}: local batch per device", fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel("samples")
         _integer_ticks(ax)
-        if len(run.train) <= 10:
-            ax.legend(fontsize=6)
+        ax.legend(fontsize=6, title="first ten devices" if len(run.train) > 10 else None,
+                  title_fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def plot_buffer(reps, path):
+    """Per step, the most samples each device held while its batch formed (``buffer_peak``;
+    older logs: ``buffer_len``, what was left after the batch): mean over devices, min-max
+    band. Truncation empties its buffer every step, so only the peak shows what it held."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     peak = 0.0
     for run in reps:
-        _, t, mean = _train_series(run, "buffer_len", reduce=np.mean)
+        key = "buffer_peak" if any("buffer_peak" in r for r in _rows(run.train)) \
+            else "buffer_len"
+        _, t, mean = _train_series(run, key, reduce=np.mean)
         if not len(t):
             continue
-        _, _, lo = _train_series(run, "buffer_len", reduce=min)
-        _, _, hi = _train_series(run, "buffer_len", reduce=max)
-        line, = ax.plot(t, mean, label=run.setting)
+        _, _, lo = _train_series(run, key, reduce=min)
+        _, _, hi = _train_series(run, key, reduce=max)
+        line, = ax.plot(t, mean, label=_run_title(run))
         ax.fill_between(t, lo, hi, color=line.get_color(), alpha=0.15)
         peak = max(peak, float(hi.max()))
     if peak > 0:
         ax.set_yscale("symlog", linthresh=1)
-    _finish_over_time(ax, peak > 0, "samples in buffer", "no buffer lengths logged (or all zero)",
-                      "Buffer length per device")
+    _finish_over_time(ax, peak > 0, "most samples held during the step",
+                      "no buffer lengths logged (or all zero)",
+                      "Buffer per device (mean, min-max band)")
     _save(plt, fig, path)
 
 
-def plot_bytes(reps, path):
+def plot_bytes(runs, path):
+    """Cumulative gradient bytes of every run (seeds of a setting share a colour)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     any_bytes = False
-    for run in reps:
+    colors = {}
+    for run in runs:
         _, t, total = _train_series(run, "bytes_sent", reduce=sum)
         if len(t):
             any_bytes = True
-            ax.plot(t, np.cumsum(total) / 1e6, label=run.setting)
-    _finish_over_time(ax, any_bytes, "cumulative MB sent (all devices)", "no bytes_sent logged",
-                      "Gradient bytes sent")
+            color = colors.get(run.setting)
+            line, = ax.plot(t, np.cumsum(total) / 1e6, color=color, linewidth=1,
+                            label=None if color else run.setting)
+            colors.setdefault(run.setting, line.get_color())
+    _finish_over_time(ax, any_bytes, "cumulative MB of gradients sent (all devices)",
+                      "no bytes_sent logged", "Gradient bytes sent (one line per seed)")
     _save(plt, fig, path)
 
 
@@ -628,16 +663,19 @@ def plot_compression(reps, path):
         ax.set_yticks([0, 1], ["dense", "compressed"])
         ax.set_xlabel("step")
         _integer_ticks(ax)
-        ax.set_title(f"{run.setting}: CNC ratio {_cnc_text(cnc_ratio(run.train))}",
+        ax.set_title(f"{_run_title(run)}: CNC ratio {_cnc_text(cnc_ratio(run.train))}",
                      fontsize=9)
         s_steps, _, signal = _train_series(run, "signal", reduce=np.mean)
         if len(s_steps):
             twin = ax.twinx()
             twin.plot(s_steps, signal, color="tab:blue", linewidth=1, label="signal")
             threshold = run.config.get("delta_threshold")
-            if isinstance(threshold, (int, float)):
-                twin.axhline(threshold, color="grey", linestyle="--", linewidth=1)
+            if run.config.get("compression") == "adaptive" and isinstance(threshold,
+                                                                          (int, float)):
+                twin.axhline(threshold, color="grey", linestyle="--", linewidth=1,
+                             label=f"δ = {threshold:g}")
             twin.set_ylabel("signal (mean over devices)", fontsize=8)
+            twin.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -680,7 +718,7 @@ def plot_labels(reps, path):
         ax.set_xlabel("label")
         ax.set_ylabel("device")
         _integer_ticks(ax, y=True)
-        ax.set_title(f"{run.setting}: labels trained", fontsize=9)
+        ax.set_title(f"{_run_title(run)}: labels trained", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -719,7 +757,7 @@ def write_report(runs: list[Run], out_dir: Path, target: float | None = None,
     plot_accuracy(runs, target, plots["accuracy"])
     plot_batch_sizes(reps, plots["batch_sizes"])
     plot_buffer(reps, plots["buffer"])
-    plot_bytes(reps, plots["bytes"])
+    plot_bytes(runs, plots["bytes"])
     plot_compression(reps, plots["compression"])
     plot_labels(reps, plots["labels"])
     report = out_dir / "report.md"
@@ -738,7 +776,7 @@ def parse_target(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scadles.report", description=__doc__.split(
         "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="LOG_DIR of a run")
+    parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="LOG_DIR of a run")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: first RUN_DIR's parent / report)")
     parser.add_argument("--target", type=parse_target, default=None,
@@ -750,7 +788,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", default=None,
                         help="comma-separated names, one per RUN_DIR (a -seedN suffix groups "
                              "seeds)")
+    parser.add_argument("--write-results", metavar="PAGE", type=Path, default=None,
+                        help="regenerate the tables (and figures) of a results page from the "
+                             "stored records next to it (docs/results/)")
+    parser.add_argument("--verify-results", metavar="PAGE", type=Path, default=None,
+                        help="regenerate a results page's tables from its stored records and "
+                             "exit 1 on any difference")
     args = parser.parse_args(argv)
+    if args.write_results or args.verify_results:
+        return _results_page(args.write_results, args.verify_results)
+    if not args.run_dirs:
+        parser.error("give at least one RUN_DIR (or --write-results / --verify-results PAGE)")
     try:
         labels = [None] * len(args.run_dirs)
         if args.labels is not None:
@@ -774,6 +822,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"report written to {report} ({len(PLOT_FILES)} plots in {report.parent})")
+    return 0
+
+
+def _results_page(write_page: Path | None, verify_page: Path | None) -> int:
+    """--write-results / --verify-results (``scadles.results``)."""
+    from scadles import results
+
+    try:
+        if write_page:
+            results.write(write_page)
+            print(f"{write_page}: tables and figures regenerated from "
+                  f"{results.results_dir_of(write_page)}")
+        if verify_page:
+            same, diff = results.verify(verify_page)
+            if not same:
+                sys.stdout.write(diff)
+                print(f"{verify_page}: differs from its stored records (above); regenerate it "
+                      f"with --write-results", file=sys.stderr)
+                return 1
+            print(f"{verify_page}: every table matches the stored records")
+    except results.ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -301,14 +301,19 @@ def train(cfg: Config, comm) -> dict:
 
     loss_value = None
     committed_offset = start_offset if isinstance(start_offset, int) else 0
+    # --eval-every-s: the next stream time (seconds since the start) that triggers an eval
+    next_eval_s = math.inf
+    if cfg.eval_every_s:
+        resumed_s = clock.now() - stream_start_s
+        next_eval_s = (math.floor(resumed_s / cfg.eval_every_s) + 1) * cfg.eval_every_s
     stop_reason = "max steps"
     while True:
         # -- stop? Every rank decides on the same numbers (the group's clock).
         stream_s = clock.now() - stream_start_s
         if cfg.max_steps and step >= cfg.max_steps:
             break
-        if cfg.max_stream_s is not None and stream_s >= cfg.max_stream_s:
-            stop_reason = "max stream time"
+        if cfg.max_stream_s is not None and clock.is_virtual and stream_s >= cfg.max_stream_s:
+            stop_reason = "max stream time"  # (the wall clock's limit is agreed on below)
             break
 
         # -- a batch from the stream (plus injected samples).
@@ -330,8 +335,16 @@ def train(cfg: Config, comm) -> dict:
         t_sync = time.perf_counter()
         ended = batch.ended and local_count == 0
         short = cfg.mode == "ddp" and local_count < cfg.train_bsz
-        global_bsz, n_ended, n_short = (int(v) for v in agree(comm, [weight_bsz, ended, short]))
+        # On a wall clock each rank reads its own time: the group stops when any rank is past
+        # --max-stream-s, so that every rank leaves the loop at the same step.
+        over = (not clock.is_virtual and cfg.max_stream_s is not None
+                and clock.now() - stream_start_s >= cfg.max_stream_s)
+        global_bsz, n_ended, n_short, n_over = (
+            int(v) for v in agree(comm, [weight_bsz, ended, short, over]))
         agree_s = time.perf_counter() - t_sync
+        if n_over:
+            stop_reason = "max stream time"
+            break
         if n_short or n_ended == world_size:
             stop_reason = "streams ended"
             break
@@ -390,6 +403,7 @@ def train(cfg: Config, comm) -> dict:
         row = {"kind": "train", "step": step, "clock_s": round(stream_s, 6), "local_bsz": local_bsz,
                "global_bsz": global_bsz, "weight": weight, "lr": lr, "wait_s": batch.wait_s,
                "compute_s": compute_s, "sync_s": sync_s, "buffer_len": batch.buffer_len,
+               "buffer_peak": batch.buffer_peak,
                "dropped": batch.dropped, "truncated": batch.truncated,
                "loss": loss_value if local_bsz > 0 else None,
                "label_hist": label_hist(batch.labels),
@@ -399,8 +413,10 @@ def train(cfg: Config, comm) -> dict:
         progress.update(step, stream_s, samples_global, loss_value,
                         None if last_eval is None else last_eval["top1"])
 
-        if cfg.eval_steps and step % cfg.eval_steps == 0:
+        if (cfg.eval_steps and step % cfg.eval_steps == 0) or stream_s >= next_eval_s:
             run_eval()
+            if cfg.eval_every_s:
+                next_eval_s = (math.floor(stream_s / cfg.eval_every_s) + 1) * cfg.eval_every_s
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_checkpoint()
 

@@ -34,24 +34,25 @@ def test_scaled_lr_is_linear_in_global_batch():
         scaled_lr(0.1, -1, 64)
 
 
-def test_warmup_climbs_linearly_from_the_base_lr_to_the_scaled_one():
-    assert warmup_lr(0.1, 0.5, step=1, warmup_steps=4) == pytest.approx(0.2)
-    assert warmup_lr(0.1, 0.5, step=2, warmup_steps=4) == pytest.approx(0.3)
-    assert warmup_lr(0.1, 0.5, step=4, warmup_steps=4) == pytest.approx(0.5)
-    assert warmup_lr(0.1, 0.5, step=40, warmup_steps=4) == pytest.approx(0.5)
-    assert warmup_lr(0.1, 0.5, step=1, warmup_steps=0) == 0.5  # no warmup
-    assert warmup_lr(0.1, 0.05, step=1, warmup_steps=4) == 0.05  # scaled down: as it is
+def test_warmup_climbs_linearly_to_the_target_lr():
+    assert warmup_lr(0.4, step=1, warmup_steps=4) == pytest.approx(0.1)
+    assert warmup_lr(0.4, step=3, warmup_steps=4) == pytest.approx(0.3)
+    assert warmup_lr(0.4, step=4, warmup_steps=4) == pytest.approx(0.4)
+    assert warmup_lr(0.4, step=40, warmup_steps=4) == pytest.approx(0.4)
+    assert warmup_lr(0.4, step=1, warmup_steps=0) == 0.4  # no warmup
     with pytest.raises(ValueError):
-        warmup_lr(0.1, 0.5, 1, -1)
+        warmup_lr(0.4, 1, -1)
 
 
-def test_step_lr_scales_warms_up_and_caps_only_in_scaled_mode():
-    # B = 4 x the reference: target 0.4, warmed up over 3 steps, capped at 0.3.
-    lrs = [step_lr(0.1, 256, 64, s, scale=True, warmup_steps=3) for s in (1, 2, 3, 9)]
-    assert lrs == pytest.approx([0.2, 0.3, 0.4, 0.4])
-    assert step_lr(0.1, 256, 64, 9, scale=True, warmup_steps=3, max_lr=0.3) == 0.3
-    assert step_lr(0.1, 256, 64, 1, scale=False, warmup_steps=3, max_lr=0.05) == 0.1
-    assert step_lr(0.1, 32, 64, 1, scale=True, warmup_steps=3) == pytest.approx(0.05)
+def test_step_lr_scales_caps_and_warms_up():
+    # B = 4 x the reference: 0.4, warmed up over 2 steps; capped at 0.3 only when scaled.
+    lrs = [step_lr(0.1, 256, 64, s, scale=True, warmup_steps=2) for s in (1, 2, 9)]
+    assert lrs == pytest.approx([0.2, 0.4, 0.4])
+    assert step_lr(0.1, 256, 64, 9, scale=True, warmup_steps=2, max_lr=0.3) == 0.3
+    assert step_lr(0.1, 256, 64, 1, scale=True, warmup_steps=2, max_lr=0.3) == 0.15
+    assert step_lr(0.1, 256, 64, 9, scale=False, warmup_steps=2, max_lr=0.05) == 0.1
+    assert step_lr(0.1, 256, 64, 1, scale=False, warmup_steps=2) == 0.05  # ddp warms up too
+    assert step_lr(0.1, 32, 64, 9, scale=True, warmup_steps=2) == pytest.approx(0.05)
 
 
 def test_multistep_factor_counts_epochs_of_group_samples():

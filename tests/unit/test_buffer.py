@@ -65,6 +65,7 @@ def test_persistence_carries_leftovers_over(dataset):
     # At t = 1 s the arrivals at 0, 1/8, ..., 1 (9 samples) are in; the oldest 4 are taken.
     assert clock.now() == T0 + 1
     assert b1.seqs.tolist() == [0, 1, 2, 3] and b1.buffer_len == 5 and b1.wait_s == 1.0
+    assert b1.buffer_peak == 9  # what was held before the batch was taken
     assert b1.images.shape == (4, *SHAPE) and b1.images.dtype == np.uint8
     assert b1.labels.dtype == np.int64 and b1.bytes == 4 * 16
     b2 = buf.next_window_batch(clock, min_bsz=1, max_bsz=4, last_step_s=clock.now())
@@ -79,6 +80,7 @@ def test_truncation_keeps_only_the_window(dataset):
     # Ready at 3.5 s; the window (2.5, 3.5] holds the arrivals 2.625 ... 3.5 (seqs 21..28).
     assert clock.now() == T0 + 3.5 and b.wait_s == 0.5
     assert b.seqs.tolist() == list(range(21, 29)) and b.truncated == 21
+    assert b.buffer_peak == 29  # seqs 0..28 were held before the window cut them
     assert (b.event_times_s > T0 + 2.5).all()
     # Max batch: the newest 3 of the next window, the other 5 discarded.
     b = buf.next_window_batch(clock, min_bsz=0, max_bsz=3, last_step_s=clock.now())
