@@ -31,7 +31,8 @@
 #              virtual-clock replay with the compute time fitted to it.
 #   buffer     persistence against truncation on fast streams (S2, 8 devices, b_max 1024),
 #              buffers unbounded so that persistence's backlog is measured.
-#   inject     10 one-label devices without and with randomized data injection (over Kafka).
+#   inject     10 one-label devices without and with randomized data injection (over Kafka),
+#              with batch norm (smallcnn-bn) and without (smallcnn).
 # Streams: in-process (the same records the producer sends) for grid, ablations, window and
 # buffer (millions of records would not fit the embedded broker's memory); tablev, clocks and
 # inject go through the real embedded Kafka broker.
@@ -52,7 +53,8 @@ PAGE="${PAGE:-$(q "$REPO/docs/RESULTS.md" "$OUT/RESULTS.md")}"        # regenera
 ONLY="${ONLY:-grid,ablations,window,tablev,clocks,buffer,inject}"
 BACKEND_="${REPRO_BACKEND:-gloo}"
 MODEL_="${MODEL:-smallcnn}"
-BN_MODEL="${BN_MODEL:-smallcnn-bn}"        # inject (batch norm makes non-IID skew matter)
+INJ_MODELS="${INJ_MODELS:-smallcnn-bn,smallcnn}"  # inject: with batch norm (non-IID skew
+                                                 # hurts) and without (it does not)
 DATASET_="${DATASET:-fashion-mnist}"
 LR_="${LR:-0.1}"                           # base lr for a global batch of 64 x devices
 EVAL_SAMPLES_="${EVAL_SAMPLES:-1000}"
@@ -128,7 +130,7 @@ count_runs() {
   wanted tablev && n=$((n + 1 + $(count "$TV_DELTAS") * $(count "$TV_RATIOS")))
   wanted clocks && n=$((n + 2))
   wanted buffer && n=$((n + 2 * $(count "$BUF_SEEDS")))
-  wanted inject && n=$((n + 2 * $(count "$INJ_SEEDS")))
+  wanted inject && n=$((n + 2 * $(count "$INJ_MODELS") * $(count "$INJ_SEEDS")))
   echo "$n"
 }
 RUN_TOTAL="$(count_runs)"
@@ -350,10 +352,11 @@ run_buffer() {
 
 # -- inject: non-IID devices, with and without injection --------------------------------------------
 run_inject() {
-  local seed share rates label name steps i
+  local seed share rates label name steps i model
   rates="$(for ((i = 0; i < INJ_WORLD; i++)); do printf '%s,' "$INJ_RATE"; done)"
   rates="${rates%,}"
   for seed in $(list "$INJ_SEEDS"); do
+    for model in $(list "$INJ_MODELS"); do
     for share in 0 "$INJ_SHARE"; do
       # The same samples trained in every run: steps = budget / expected global batch
       # (local window plus, per chosen peer, beta of its window), as bench_injection.py.
@@ -364,15 +367,16 @@ share, world, rate, budget = float(sys.argv[1]), int(sys.argv[2]), float(sys.arg
     int(sys.argv[4])
 g = world * (rate + num_peers(share, world) * share * rate)
 print(max(1, round(budget / g)))" "$share" "$INJ_WORLD" "$INJ_RATE" "$INJ_BUDGET")"
-      if [ "$share" = 0 ]; then label="no-injection-seed$seed"; name="noinject"
-      else label="injection-a${share}-b${share}-seed$seed"; name="inject${share}-${share}"; fi
+      if [ "$share" = 0 ]; then label="$model-no-injection-seed$seed"; name="noinject"
+      else label="$model-injection-a${share}-b${share}-seed$seed"; name="inject${share}-${share}"; fi
       run_one inject "$label" \
-        "${BN_MODEL}_scadles_noniid_w${INJ_WORLD}_rate${INJ_RATE}_${name}-seed$seed" \
-        model="$BN_MODEL" world_size="$INJ_WORLD" partition=noniid rates="$rates" \
+        "${model}_scadles_noniid_w${INJ_WORLD}_rate${INJ_RATE}_${name}-seed$seed" \
+        model="$model" world_size="$INJ_WORLD" partition=noniid rates="$rates" \
         seed="$seed" source=kafka lr="$INJ_LR" min_train_bsz=1 \
         max_train_bsz="${INJ_RATE%.*}" compute_model=fixed:0.1 comm_model=fixed:0 \
         max_steps="$steps" eval_steps="$(( steps / 8 > 1 ? steps / 8 : 1 ))" \
         alpha="$share" beta="$share"
+    done
     done
   done
 }
@@ -420,10 +424,23 @@ else
   wanted buffer && run_buffer
   wanted inject && run_inject
   mkdir -p "$RESULTS_DIR"
-  printf '{"command": "%s", "commit": "%s", "dirty": %s, "started": "%s", "wall_s": %d, "cpus": %d, "quick": %s, "only": "%s"}\n' \
-    "bash execution_scripts/reproduce_cpu.sh" "$commit" "$dirty" "$started" \
-    "$(( SECONDS - START_S ))" "$(nproc)" "$([ "$QUICK" = 1 ] && echo true || echo false)" \
-    "$ONLY" > "$RESULTS_DIR/provenance.json"
+  # provenance.json: per comparison, which invocation made its records (a later ONLY=...
+  # run replaces only its own comparisons' entries).
+  py - "$RESULTS_DIR/provenance.json" "$ONLY" <<EOF
+import json, sys
+from pathlib import Path
+path, only = Path(sys.argv[1]), sys.argv[2].split(",")
+doc = json.loads(path.read_text()) if path.is_file() else {}
+if not isinstance(doc.get("comparisons"), dict):
+    doc = {"comparisons": {}}
+run = {"command": "bash execution_scripts/reproduce_cpu.sh", "commit": "$commit",
+       "dirty": $( [ "$dirty" = true ] && echo True || echo False), "started": "$started",
+       "wall_s": $(( SECONDS - START_S )), "cpus": $(nproc), "only": only,
+       "quick": $( [ "$QUICK" = 1 ] && echo True || echo False)}
+for comparison in only:
+    doc["comparisons"][comparison] = run
+path.write_text(json.dumps(doc, indent=1) + "\n")
+EOF
   say "all $RUN_TOTAL runs done in $(( SECONDS - START_S )) s"
 fi
 

@@ -658,16 +658,27 @@ def block_compute_fit(results_dir: Path) -> str:
 
 
 def block_provenance(results_dir: Path, records: dict) -> str:
+    """Which invocation of the script made which comparison's records, at which commit."""
     path = results_dir / "provenance.json"
     doc = json.loads(path.read_text()) if path.is_file() else {}
+    runs: dict[str, list[str]] = {}
+    by_key: dict[str, dict] = {}
+    for comparison, run in sorted((doc.get("comparisons") or {}).items()):
+        key = json.dumps({k: run.get(k) for k in ("commit", "started")}, sort_keys=True)
+        runs.setdefault(key, []).append(comparison)
+        by_key[key] = run
+    lines = [f"{len(records)} stored run records in `docs/results/`."]
+    for key, comparisons in runs.items():
+        run = by_key[key]
+        counted = sum(1 for name in records if name.split("/", 1)[0] in comparisons)
+        lines.append(f"- {', '.join(comparisons)} ({counted} records): `{run.get('command')}` "
+                     f"at commit `{run.get('commit')}`"
+                     f"{' with uncommitted changes' if run.get('dirty') else ''}, started "
+                     f"{run.get('started')}, {run.get('wall_s')} s of wall time on "
+                     f"{run.get('cpus')} CPU cores{' (QUICK=1)' if run.get('quick') else ''}.")
     commits = sorted({str(r.get("git_commit")) for r in records.values()})
-    return (f"{len(records)} stored run records in `docs/results/`, made by "
-            f"`{doc.get('command', 'execution_scripts/reproduce_cpu.sh')}` at commit "
-            f"`{doc.get('commit', '?')}`{' (with uncommitted changes)' if doc.get('dirty') else ''}"
-            f", started {doc.get('started', '?')}, {doc.get('wall_s', '?')} s of wall time on "
-            f"{doc.get('cpus', '?')} CPU cores. Commits recorded by the runs: "
-            + ", ".join(f"`{c[:12]}{'+dirty' if c.endswith('+dirty') else ''}`"
-                        for c in commits) + ".\n")
+    lines.append("- Commits the runs recorded: " + ", ".join(f"`{c}`" for c in commits) + ".")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- the page

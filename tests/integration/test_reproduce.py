@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "execution_scripts" / "reproduce_cpu.sh"
 # QUICK: grid S10,S2 x {ddp, fig6, full} x {resnet152, vgg19} seed 0; the rest one seed.
 RECORDS = {"grid": 12, "ablations": 4, "window": 3, "tablev": 2, "clocks": 2, "buffer": 2,
-           "inject": 2}
+           "inject": 4}
 PLOTS = ["accuracy.png", "batch_sizes.png", "buffer.png", "bytes.png", "compression.png",
          "labels.png"]
 
@@ -56,8 +56,9 @@ def test_quick_run_stores_records_and_a_verified_results_page(tmp_path):
     assert grid["time_model"]["comm"]["charged_model"] == "VGG19"
     assert grid["config"]["policy"] == "truncation" and grid["config"]["max_train_bsz"] == 1024
     assert len(grid["steps"]["local_bsz"][0]) == 4  # per device
-    provenance = json.loads((out / "results" / "provenance.json").read_text())
-    assert provenance["quick"] is True and provenance["wall_s"] > 0
+    provenance = json.loads((out / "results" / "provenance.json").read_text())["comparisons"]
+    assert set(provenance) == set(RECORDS)
+    assert all(p["quick"] is True and p["wall_s"] > 0 for p in provenance.values())
 
     page = out / "RESULTS.md"
     text = page.read_text()
