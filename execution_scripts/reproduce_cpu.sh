@@ -449,7 +449,7 @@ report window ddp
 report tablev none
 report clocks wall
 report buffer persistence
-report inject no-injection
+report inject smallcnn-bn-no-injection
 # The results page: the repository's (its template when QUICK=1), regenerated from the records.
 [ -f "$PAGE" ] || cp "$REPO/docs/RESULTS.md" "$PAGE"
 [ -f "$RESULTS_DIR/compute_fit.json" ] || cp "$REPO/docs/results/compute_fit.json" "$RESULTS_DIR/" 2>/dev/null || true

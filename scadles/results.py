@@ -667,7 +667,7 @@ def block_provenance(results_dir: Path, records: dict) -> str:
         key = json.dumps({k: run.get(k) for k in ("commit", "started")}, sort_keys=True)
         runs.setdefault(key, []).append(comparison)
         by_key[key] = run
-    lines = [f"{len(records)} stored run records in `docs/results/`."]
+    lines = [f"{len(records)} stored run records (`results/` next to this page)."]
     for key, comparisons in runs.items():
         run = by_key[key]
         counted = sum(1 for name in records if name.split("/", 1)[0] in comparisons)
