@@ -37,6 +37,7 @@ from scadles.comm import make_comm, share_cpu_threads
 from scadles.compress import make_exchanger
 from scadles.config import Config, parse_args
 from scadles.models import build_model
+from scadles.optim import SGD
 from streamsim.datasets import load_dataset
 from streamsim.record import VIRTUAL_EPOCH_S
 
@@ -231,8 +232,8 @@ def train(cfg: Config, comm) -> dict:
     dense_bytes = sum(p.numel() * p.element_size() for _, p in named_params)
     for _, p in named_params:
         p.grad = torch.zeros_like(p)  # an empty batch contributes zero gradients
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                    weight_decay=cfg.weight_decay)
     exchanger = make_exchanger(comm, compression=cfg.compression,
                                compression_ratio=cfg.compression_ratio,
                                error_feedback=cfg.error_feedback,
