@@ -27,7 +27,7 @@ SCADLES_PARAMS=(
   lr:--lr momentum:--momentum weight_decay:--weight-decay gamma:--gamma milestones:--milestones
   global_bsz:--global-bsz train_bsz:--train-bsz min_train_bsz:--min-train-bsz
   max_train_bsz:--max-train-bsz window_s:--window-s policy:--policy
-  buffer_capacity:--buffer-capacity warmup_steps:--warmup-steps max_lr:--max-lr
+  buffer_capacity:--buffer-capacity warmup_epochs:--warmup-epochs max_lr:--max-lr
   clock:--clock compute_model:--compute-model comm_model:--comm-model max_steps:--max-steps
   max_stream_s:--max-stream-s stream_delay_s:--stream-delay-s
   eval_steps:--eval-steps eval_every_s:--eval-every-s eval_samples:--eval-samples checkpoint_every:--checkpoint-every

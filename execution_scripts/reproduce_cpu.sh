@@ -174,7 +174,7 @@ run_one() {
     compression=none alpha=0 beta=0 eval_samples="$EVAL_SAMPLES_" checkpoint_every=0
     max_steps=0 rate_schedule=constant arrivals=even momentum=0.9 weight_decay=1e-4
     min_train_bsz=8 max_train_bsz=64 train_bsz=64 window_s=1.0 buffer_capacity=10000
-    warmup_steps=10 max_lr=0.15 step_when_full=0 stream_delay_s=0
+    warmup_epochs=0.1 max_lr=0.1 step_when_full=0 stream_delay_s=0
     global_bsz= duration_s= max_stream_s= eval_steps=0 eval_every_s=0 milestones= gamma=0.1
     topic_prefix= data_dir="${DATA_DIR:-}" image_size= compression_ratio=0.01
     delta_threshold=0.3 adaptive_signal=paper ewma_alpha=0.1 gradnorm_threshold=

@@ -230,29 +230,32 @@ def scaled_lr(base_lr: float, global_bsz: int, ref_global_bsz: int) -> float:
     return base_lr * global_bsz / ref_global_bsz
 
 
-def warmup_lr(target_lr: float, step: int, warmup_steps: int) -> float:
-    """Linear warmup: step s (1-based) of the first ``warmup_steps`` uses s / warmup_steps of
-    ``target_lr``. Goyal et al. (2017) ramp from the unscaled lr instead; a ResNet152 trained
-    from scratch diverges at that lr here (loss 25 by step 3 at 0.1), so the ramp starts
-    near 0, as He et al. warm ResNet-110 up at a tenth of its lr."""
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if warmup_steps == 0:
+def warmup_lr(target_lr: float, samples_after_step: int, warmup_samples: int) -> float:
+    """Linear warmup in samples: a step after which the whole group has trained s samples
+    uses min(1, s / ``warmup_samples``) of ``target_lr``. Counting samples, not steps (Goyal
+    et al. 2017 warm up over 5 epochs), treats a mode with few large steps like one with many
+    small ones. Goyal et al. ramp from the unscaled lr; a ResNet152 trained from scratch
+    diverges at that lr here (loss 25 by step 3 at 0.1), so the ramp starts near 0, as He
+    et al. warm ResNet-110 up at a tenth of its lr."""
+    if warmup_samples < 0:
+        raise ValueError(f"warmup_samples must be >= 0, got {warmup_samples}")
+    if warmup_samples == 0:
         return target_lr
-    return target_lr * min(1.0, max(step, 0) / warmup_steps)
+    return target_lr * min(1.0, max(samples_after_step, 0) / warmup_samples)
 
 
-def step_lr(base_lr: float, global_bsz: int, ref_global_bsz: int, step: int, *,
-            scale: bool, warmup_steps: int = 0, max_lr: float = 0.0) -> float:
-    """The learning rate of training step ``step`` (1-based) before the MultiStep decay:
-    ``base_lr`` (ddp) or, with ``scale``, linearly scaled by the global batch and capped at
-    ``max_lr`` (0: no cap); then warmed up over the first ``warmup_steps``."""
+def step_lr(base_lr: float, global_bsz: int, ref_global_bsz: int, samples_before: int, *,
+            scale: bool, warmup_samples: int = 0, max_lr: float = 0.0) -> float:
+    """The learning rate of a training step of ``global_bsz`` samples, after the group has
+    trained ``samples_before``, before the MultiStep decay: ``base_lr`` (ddp) or, with
+    ``scale``, linearly scaled by the global batch and capped at ``max_lr`` (0: no cap);
+    then warmed up over the first ``warmup_samples``."""
     lr = base_lr
     if scale:
         lr = scaled_lr(base_lr, global_bsz, ref_global_bsz)
         if max_lr > 0:
             lr = min(lr, max_lr)
-    return warmup_lr(lr, step, warmup_steps)
+    return warmup_lr(lr, samples_before + global_bsz, warmup_samples)
 
 
 def multistep_factor(samples_seen_global: int, epoch_samples: int,

@@ -383,8 +383,9 @@ def train(cfg: Config, comm) -> dict:
 
         # -- learning rate: linear scaling (scadles) and the group's MultiStep schedule.
         factor = multistep_factor(samples_global, epoch_samples, cfg.milestones, cfg.gamma)
-        lr = step_lr(cfg.lr, global_bsz, cfg.global_bsz, step, scale=cfg.mode == "scadles",
-                     warmup_steps=cfg.warmup_steps, max_lr=cfg.max_lr) * factor
+        lr = step_lr(cfg.lr, global_bsz, cfg.global_bsz, samples_global,
+                     scale=cfg.mode == "scadles", max_lr=cfg.max_lr,
+                     warmup_samples=round(cfg.warmup_epochs * epoch_samples)) * factor
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()

@@ -34,25 +34,28 @@ def test_scaled_lr_is_linear_in_global_batch():
         scaled_lr(0.1, -1, 64)
 
 
-def test_warmup_climbs_linearly_to_the_target_lr():
-    assert warmup_lr(0.4, step=1, warmup_steps=4) == pytest.approx(0.1)
-    assert warmup_lr(0.4, step=3, warmup_steps=4) == pytest.approx(0.3)
-    assert warmup_lr(0.4, step=4, warmup_steps=4) == pytest.approx(0.4)
-    assert warmup_lr(0.4, step=40, warmup_steps=4) == pytest.approx(0.4)
-    assert warmup_lr(0.4, step=1, warmup_steps=0) == 0.4  # no warmup
+def test_warmup_climbs_linearly_in_samples_to_the_target_lr():
+    assert warmup_lr(0.4, samples_after_step=100, warmup_samples=400) == pytest.approx(0.1)
+    assert warmup_lr(0.4, samples_after_step=300, warmup_samples=400) == pytest.approx(0.3)
+    assert warmup_lr(0.4, samples_after_step=400, warmup_samples=400) == pytest.approx(0.4)
+    assert warmup_lr(0.4, samples_after_step=9000, warmup_samples=400) == pytest.approx(0.4)
+    assert warmup_lr(0.4, samples_after_step=1, warmup_samples=0) == 0.4  # no warmup
     with pytest.raises(ValueError):
         warmup_lr(0.4, 1, -1)
 
 
-def test_step_lr_scales_caps_and_warms_up():
-    # B = 4 x the reference: 0.4, warmed up over 2 steps; capped at 0.3 only when scaled.
-    lrs = [step_lr(0.1, 256, 64, s, scale=True, warmup_steps=2) for s in (1, 2, 9)]
-    assert lrs == pytest.approx([0.2, 0.4, 0.4])
-    assert step_lr(0.1, 256, 64, 9, scale=True, warmup_steps=2, max_lr=0.3) == 0.3
-    assert step_lr(0.1, 256, 64, 1, scale=True, warmup_steps=2, max_lr=0.3) == 0.15
-    assert step_lr(0.1, 256, 64, 9, scale=False, warmup_steps=2, max_lr=0.05) == 0.1
-    assert step_lr(0.1, 256, 64, 1, scale=False, warmup_steps=2) == 0.05  # ddp warms up too
-    assert step_lr(0.1, 32, 64, 9, scale=True, warmup_steps=2) == pytest.approx(0.05)
+def test_step_lr_scales_caps_and_warms_up_by_samples():
+    # B = 4 x the reference: 0.4; the first step of 256 samples is half of a 512 warmup.
+    assert step_lr(0.1, 256, 64, 0, scale=True, warmup_samples=512) == pytest.approx(0.2)
+    assert step_lr(0.1, 256, 64, 256, scale=True, warmup_samples=512) == pytest.approx(0.4)
+    assert step_lr(0.1, 256, 64, 9000, scale=True, warmup_samples=512, max_lr=0.3) == 0.3
+    assert step_lr(0.1, 256, 64, 0, scale=True, warmup_samples=512, max_lr=0.3) == 0.15
+    assert step_lr(0.1, 256, 64, 9000, scale=False, max_lr=0.05) == 0.1  # ddp: no cap
+    assert step_lr(0.1, 64, 64, 0, scale=False, warmup_samples=256) == 0.025  # ddp warms up
+    assert step_lr(0.1, 32, 64, 9000, scale=True) == pytest.approx(0.05)
+    # The same samples trained, the same lr, whatever the step size: fair to both modes.
+    assert step_lr(0.1, 1024, 1024, 1024, scale=False, warmup_samples=4096) == \
+        step_lr(0.1, 2048, 1024, 0, scale=True, warmup_samples=4096, max_lr=0.1)
 
 
 def test_multistep_factor_counts_epochs_of_group_samples():
