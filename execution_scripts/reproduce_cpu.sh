@@ -9,8 +9,8 @@
 #   OUT=/tmp/r ONLY=grid,window bash execution_scripts/reproduce_cpu.sh
 #   OUT=/tmp/r REPORT_ONLY=1 bash execution_scripts/reproduce_cpu.sh   # store and report again
 #
-# Learning: smallcnn on Fashion-MNIST (the paper: ResNet152 / VGG19 on CIFAR, far beyond two
-# CPU cores). Time: a virtual clock charging each step the paper's K80 compute time
+# Learning: smallcnn-bn (a small CNN with batch norm) on Fashion-MNIST (the paper: ResNet152 /
+# VGG19-bn on CIFAR, far beyond two CPU cores). Time: a virtual clock charging each step the paper's K80 compute time
 # (--compute-model paper-resnet152 | paper-vgg19: 1.2 s / 1.6 s at batch 64, the shape
 # measured on the real models) and a ring allreduce (or, compressed, an allgather) of
 # ResNet152's / VGG19's gradient on 5 Gbit/s Ethernet (--comm-model paper-ethernet).
@@ -23,7 +23,8 @@
 #              delta 0.3). The three runs of a cell and seed get the same stream-time budget:
 #              GRID_DDP_STEPS of ddp's predicted step (scadles.predict), evaluated every
 #              budget / GRID_EVALS stream seconds.
-#   ablations  ddp with a batch of 16, ScaDLES with b_min 1 (ResNet152 timing, seed 0).
+#   ablations  ddp with a batch of 16, ScaDLES with b_min 1 (ResNet152 timing, seed 0); at S10:
+#              the lr cap at 0.2, and the model without batch norm (ddp, fig6, full).
 #   window     the window under cheap compute (4 devices, S2, b_max 64, 50 ms + 2 ms per
 #              sample): ddp, ScaDLES as the paper defines the window, and --step-when-full.
 #   tablev     the paper's Table V: adaptive Top-k over delta x CR, 8 devices, S10, over Kafka.
@@ -52,7 +53,9 @@ RESULTS_DIR="${RESULTS_DIR:-$(q "$REPO/docs/results" "$OUT/results")}"  # compac
 PAGE="${PAGE:-$(q "$REPO/docs/RESULTS.md" "$OUT/RESULTS.md")}"        # regenerated page
 ONLY="${ONLY:-grid,ablations,window,tablev,clocks,buffer,inject}"
 BACKEND_="${REPRO_BACKEND:-gloo}"
-MODEL_="${MODEL:-smallcnn}"
+MODEL_="${MODEL:-smallcnn-bn}"             # batch norm, as the paper's ResNet152 and VGG19-bn:
+                                           # without it, global batches of 4k-16k samples at
+                                           # lr 0.1 collapse (ablations)
 INJ_MODELS="${INJ_MODELS:-smallcnn-bn,smallcnn}"  # inject: with batch norm (non-IID skew
                                                  # hurts) and without (it does not)
 DATASET_="${DATASET:-fashion-mnist}"
@@ -75,6 +78,8 @@ GRID_DELTA="${GRID_DELTA:-0.3}"
 # ablations (ResNet152 timing)
 ABL_RATES="${ABL_RATES:-$GRID_RATES}"
 ABL_SEED="${ABL_SEED:-0}"
+ABL_CELL="${ABL_CELL:-S10}"              # the lr-cap and model ablations: one rate set
+ABL_NOBN_MODEL="${ABL_NOBN_MODEL:-smallcnn}"
 # window: cheap compute, b_max 64, where a full buffer waits out the window
 WIN_WORLD="${WIN_WORLD:-$(q 4 2)}"
 WIN_RATES="${WIN_RATES:-S2}"
@@ -125,7 +130,7 @@ count_runs() {
   local n=0
   wanted grid && n=$((n + 3 * $(count "$GRID_RATES") * ($(count "$GRID_SEEDS_RESNET") \
                                                         + $(count "$GRID_SEEDS_VGG"))))
-  wanted ablations && n=$((n + 2 * $(count "$ABL_RATES")))
+  wanted ablations && n=$((n + 2 * $(count "$ABL_RATES") + 4))
   wanted window && n=$((n + 3 * $(count "$WIN_SEEDS")))
   wanted tablev && n=$((n + 1 + $(count "$TV_DELTAS") * $(count "$TV_RATIOS")))
   wanted clocks && n=$((n + 2))
@@ -273,6 +278,24 @@ run_ablations() {
       "${MODEL_}_scadles_${rates}_w${GRID_WORLD}_persistence_bmin1_resnet152-seed$ABL_SEED" \
       "${common[@]}" min_train_bsz=1
   done
+  # The lr cap, and the model without batch norm (its own ddp baseline beside it).
+  read -r budget every <<< "$(grid_budget "$ABL_CELL" "$ABL_SEED" resnet152)"
+  common=(world_size="$GRID_WORLD" rates="$ABL_CELL" seed="$ABL_SEED"
+          compute_model=paper-resnet152 max_stream_s="$budget" eval_every_s="$every"
+          max_steps="$GRID_MAX_STEPS" max_train_bsz="$GRID_BMAX")
+  run_one ablations "resnet152-$ABL_CELL-fig6-maxlr0.2-seed$ABL_SEED" \
+    "${MODEL_}_scadles_${ABL_CELL}_w${GRID_WORLD}_persistence_maxlr0.2_resnet152-seed$ABL_SEED" \
+    "${common[@]}" max_lr=0.2
+  run_one ablations "resnet152-$ABL_CELL-ddp-nobn-seed$ABL_SEED" \
+    "${ABL_NOBN_MODEL}_ddp_${ABL_CELL}_w${GRID_WORLD}_bsz64_resnet152-seed$ABL_SEED" \
+    "${common[@]}" model="$ABL_NOBN_MODEL" mode=ddp
+  run_one ablations "resnet152-$ABL_CELL-fig6-nobn-seed$ABL_SEED" \
+    "${ABL_NOBN_MODEL}_scadles_${ABL_CELL}_w${GRID_WORLD}_persistence_resnet152-seed$ABL_SEED" \
+    "${common[@]}" model="$ABL_NOBN_MODEL"
+  run_one ablations "resnet152-$ABL_CELL-full-nobn-seed$ABL_SEED" \
+    "${ABL_NOBN_MODEL}_scadles_${ABL_CELL}_w${GRID_WORLD}_truncation_adaptive${GRID_CR}-${GRID_DELTA}_resnet152-seed$ABL_SEED" \
+    "${common[@]}" model="$ABL_NOBN_MODEL" policy=truncation compression=adaptive \
+    compression_ratio="$GRID_CR" delta_threshold="$GRID_DELTA"
 }
 
 # -- window: cheap compute, where a full buffer waits out the window ----------------------------
