@@ -331,14 +331,27 @@ DATASETS: dict[str, Callable[..., ArrayDataset]] = {
 }
 
 
+# In-memory datasets this process loaded, by their arguments: a process that forks ranks
+# (scadles.rankhost) loads a split once and every rank shares its pages.
+_LOADED: dict[tuple, ArrayDataset] = {}
+
+
 def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = None,
                  download: bool = False, image_size: int = 224, seed: int = 0,
                  **options: object) -> ArrayDataset:
-    """Load dataset ``name`` (a key of ``DATASETS``); ``options`` go to its loader."""
+    """Load dataset ``name`` (a key of ``DATASETS``); ``options`` go to its loader. An
+    in-memory dataset is loaded once per process (and kept: it is read-only)."""
     if name not in DATASETS:
         raise ValueError(f"dataset {name!r}: use one of {', '.join(DATASETS)}")
-    return DATASETS[name](split=split, data_dir=None if data_dir is None else Path(data_dir),
-                          download=download, image_size=image_size, seed=seed, **options)
+    key = (name, split, None if data_dir is None else str(Path(data_dir).resolve()),
+           image_size, seed, tuple(sorted(options.items())))
+    if key in _LOADED:
+        return _LOADED[key]
+    ds = DATASETS[name](split=split, data_dir=None if data_dir is None else Path(data_dir),
+                        download=download, image_size=image_size, seed=seed, **options)
+    if ds.in_memory:
+        _LOADED[key] = ds
+    return ds
 
 
 def main(argv: list[str] | None = None) -> int:
