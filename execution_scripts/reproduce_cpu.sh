@@ -17,10 +17,11 @@
 #
 # The comparisons (each a folder under OUT with its runs; records under RESULTS_DIR):
 #   grid       the paper's Fig. 6 and Table VI: 16 IID devices, rates S1 / S2 / S10 / S20,
-#              ResNet152 and VGG19 timing, three methods per cell and seed: ddp (batch 64,
+#              ResNet152 and VGG19 timing, four methods per cell and seed: ddp (batch 64,
 #              persistence: the paper's DDL), fig6 (ScaDLES, weighted aggregation alone,
-#              persistence, b_min 8, b_max 1024) and full (truncation + adaptive Top-k, CR 0.1,
-#              delta 0.3). The three runs of a cell and seed get the same stream-time budget:
+#              persistence, b_min 8, b_max 1024), full (truncation + adaptive Top-k, CR 0.1,
+#              delta 0.3) and, not in the paper, bounded (fig6 with b_max 64, ddp's batch,
+#              and --step-when-full). The runs of a cell and seed get the same stream-time budget:
 #              GRID_DDP_STEPS of ddp's predicted step (scadles.predict), evaluated every
 #              budget / GRID_EVALS stream seconds.
 #   ablations  ddp with a batch of 16, ScaDLES with b_min 1 (ResNet152 timing, seed 0); at S10:
@@ -33,7 +34,8 @@
 #   buffer     persistence against truncation on fast streams (S2, 8 devices, b_max 1024),
 #              buffers unbounded so that persistence's backlog is measured.
 #   inject     10 one-label devices without and with randomized data injection (over Kafka),
-#              with batch norm (smallcnn-bn) and without (smallcnn).
+#              with batch norm (smallcnn-bn) and without (smallcnn), and the same devices on
+#              IID partitions as the reference.
 # Streams: in-process (the same records the producer sends) for grid, ablations, window and
 # buffer (millions of records would not fit the embedded broker's memory); tablev, clocks and
 # inject go through the real embedded Kafka broker.
@@ -69,7 +71,7 @@ GRID_RATES="${GRID_RATES:-$(q S1,S2,S10,S20 S10,S2)}"
 GRID_SEEDS_RESNET="${GRID_SEEDS_RESNET:-$(q 0,1,2 0)}"
 GRID_SEEDS_VGG="${GRID_SEEDS_VGG:-$(q 0,1 0)}"
 GRID_DDP_STEPS="${GRID_DDP_STEPS:-$(q 120 6)}"   # the budget: this many predicted ddp steps
-GRID_MAX_STEPS="${GRID_MAX_STEPS:-$(q 400 20)}"  # and at most this many steps of any run
+GRID_MAX_STEPS="${GRID_MAX_STEPS:-$(q 300 20)}"  # and at most this many steps of any run
 GRID_EVALS="${GRID_EVALS:-$(q 60 3)}"            # evaluations over the budget
 GRID_BMIN="${GRID_BMIN:-8}"
 GRID_BMAX="${GRID_BMAX:-1024}"
@@ -128,14 +130,14 @@ declare -A DIRS LABELS   # comparison -> space-separated run dirs / comma-separa
 # Number of runs (for "[k/N]"), from the same settings as below.
 count_runs() {
   local n=0
-  wanted grid && n=$((n + 3 * $(count "$GRID_RATES") * ($(count "$GRID_SEEDS_RESNET") \
+  wanted grid && n=$((n + 4 * $(count "$GRID_RATES") * ($(count "$GRID_SEEDS_RESNET") \
                                                         + $(count "$GRID_SEEDS_VGG"))))
   wanted ablations && n=$((n + 2 * $(count "$ABL_RATES") + 4))
   wanted window && n=$((n + 3 * $(count "$WIN_SEEDS")))
   wanted tablev && n=$((n + 1 + $(count "$TV_DELTAS") * $(count "$TV_RATIOS")))
   wanted clocks && n=$((n + 2))
   wanted buffer && n=$((n + 2 * $(count "$BUF_SEEDS")))
-  wanted inject && n=$((n + 2 * $(count "$INJ_MODELS") * $(count "$INJ_SEEDS")))
+  wanted inject && n=$((n + 3 * $(count "$INJ_MODELS") * $(count "$INJ_SEEDS")))
   echo "$n"
 }
 RUN_TOTAL="$(count_runs)"
@@ -258,6 +260,9 @@ run_grid() {
           "${MODEL_}_scadles_${rates}_w${GRID_WORLD}_truncation_adaptive${GRID_CR}-${GRID_DELTA}_$timing-seed$seed" \
           "${common[@]}" policy=truncation compression=adaptive \
           compression_ratio="$GRID_CR" delta_threshold="$GRID_DELTA"
+        run_one grid "$timing-$rates-bounded-seed$seed" \
+          "${MODEL_}_scadles_${rates}_w${GRID_WORLD}_persistence_bmax64_whenfull_$timing-seed$seed" \
+          "${common[@]}" max_train_bsz=64 step_when_full=1
       done
     done
   done
@@ -380,9 +385,12 @@ run_inject() {
   rates="${rates%,}"
   for seed in $(list "$INJ_SEEDS"); do
     for model in $(list "$INJ_MODELS"); do
-    for share in 0 "$INJ_SHARE"; do
+    for share in iid 0 "$INJ_SHARE"; do
       # The same samples trained in every run: steps = budget / expected global batch
       # (local window plus, per chosen peer, beta of its window), as bench_injection.py.
+      # iid: the same devices and budget on IID partitions, the reference non-IID is held to
+      partition=noniid
+      [ "$share" = iid ] && { partition=iid; share=0; }
       steps="$(py -c "
 import sys
 from scadles.inject import num_peers
@@ -390,11 +398,12 @@ share, world, rate, budget = float(sys.argv[1]), int(sys.argv[2]), float(sys.arg
     int(sys.argv[4])
 g = world * (rate + num_peers(share, world) * share * rate)
 print(max(1, round(budget / g)))" "$share" "$INJ_WORLD" "$INJ_RATE" "$INJ_BUDGET")"
-      if [ "$share" = 0 ]; then label="$model-no-injection-seed$seed"; name="noinject"
+      if [ "$partition" = iid ]; then label="$model-iid-seed$seed"; name="iid"
+      elif [ "$share" = 0 ]; then label="$model-no-injection-seed$seed"; name="noinject"
       else label="$model-injection-a${share}-b${share}-seed$seed"; name="inject${share}-${share}"; fi
       run_one inject "$label" \
-        "${model}_scadles_noniid_w${INJ_WORLD}_rate${INJ_RATE}_${name}-seed$seed" \
-        model="$model" world_size="$INJ_WORLD" partition=noniid rates="$rates" \
+        "${model}_scadles_${partition}_w${INJ_WORLD}_rate${INJ_RATE}_${name}-seed$seed" \
+        model="$model" world_size="$INJ_WORLD" partition="$partition" rates="$rates" \
         seed="$seed" source=kafka lr="$INJ_LR" min_train_bsz=1 \
         max_train_bsz="${INJ_RATE%.*}" compute_model=fixed:0.1 comm_model=fixed:0 \
         max_steps="$steps" eval_steps="$(( steps / 8 > 1 ? steps / 8 : 1 ))" \

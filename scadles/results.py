@@ -398,11 +398,31 @@ def block_grid_table6(records: dict, target_pct: float = 75) -> str:
                    "Compressed : dense steps per seed", "Verdict"], rows)
 
 
+def block_grid_bounded(records: dict, target_pct: float = 75) -> str:
+    """Not in the paper: ScaDLES with ddp's batch as b_max and --step-when-full, against ddp."""
+    cells = grid_cells(records)
+
+    def verdict(rates, timing, runs, ddps):
+        pairs = [paired_speedup(ddps[s], runs[s], target_pct) for s in sorted(runs)]
+        g = geomean([v for v, _ in pairs])
+        if g is None or any(rel == "n/a" for _, rel in pairs):
+            return ["n/a"]
+        return ["faster than ddp" if g > 1.05 else ("as fast as ddp" if g >= 0.95
+                                                    else "slower than ddp")]
+
+    rows = _cell_rows(cells, "bounded", target_pct, lambda rates, timing: "not in the paper",
+                      verdict)
+    return _table(["Rates", "Timing", "Seeds", "Slowest stream (samples/s)",
+                   "Step (s), ddp / ScaDLES: predicted → measured", "Predicted speedup",
+                   f"Speedup to {target_pct:g}% per seed", "Geo. mean (mean ± sd)", "Paper",
+                   "Accuracy change (pts)", "Against ddp (±5%)"], rows)
+
+
 def block_grid_targets(records: dict) -> str:
     """Speedup (geometric mean over seeds) at several targets, from the same runs."""
     cells = grid_cells(records)
     rows = []
-    for method in ("fig6", "full"):
+    for method in ("fig6", "full", "bounded"):
         for rates in RATE_SETS:
             for timing in TIMINGS:
                 runs, ddps = cells.get((timing, rates, method), {}), \
@@ -433,14 +453,19 @@ def block_grid_runs(records: dict, target_pct: float = 75) -> str:
             continue
         s, steps = record["summary"], record["steps"]
         t = time_to(record, target_pct)
+        pred = predicted(record)
+        pace = pred.ddp if m["method"] == "ddp" else pred.scadles
         rows.append([m["timing"], m["rates"], m["method"], m["seed"],
                      f"{min(float(d['rate_per_s']) for d in record['devices']):.1f}",
+                     f"{pace.step_s:.2f} → {mean_step_s(record):.2f}",
+                     "-" if m["method"] == "ddp" else f"{pred.low:.2f}–{pred.high:.2f}x",
                      str(s["steps"]), f"{end_s(record):,.0f}",
                      f"{statistics.fmean(steps['global_bsz']):,.0f}" if steps["global_bsz"]
                      else "n/a",
                      "not reached" if t is None else f"{t:,.0f}",
                      f"{s['final_top1']:.2f}", s.get("stop_reason", "?")])
-    return _table(["Timing", "Rates", "Method", "Seed", "Slowest stream", "Steps",
+    return _table(["Timing", "Rates", "Method", "Seed", "Slowest stream",
+                   "Step (s): predicted → measured", "Predicted speedup", "Steps",
                    "Stream time (s)", "Mean global batch", f"Time to {target_pct:g}% (s)",
                    "Final top-1 (%)", "Stopped by"], rows)
 
@@ -637,11 +662,13 @@ def block_inject(records: dict, target_pct: float = 70) -> str:
         s, c = record["summary"], record["config"]
         t = time_to(record, target_pct)
         best = max((p["top1"] for p in evals(record) if p["top1"] is not None), default=None)
-        rows.append([name.split("/", 1)[1], f"{c.get('alpha', 0):g}", f"{s['samples']:,}",
+        rows.append([name.split("/", 1)[1], c.get("model_name", "?"), c.get("partition", "?"),
+                     f"{c.get('alpha', 0):g}", f"{s['samples']:,}",
                      f"{sum(record['steps']['injected']):,}", f"{s['final_top1']:.2f}",
                      _fmt(best, 2), f"{s['final_top5']:.2f}",
                      "not reached" if t is None else f"{t:,.0f}"])
-    return _table(["Run", "alpha = beta", "Samples trained", "Injected", "Final top-1 (%)",
+    return _table(["Run", "Model", "Partition", "alpha = beta", "Samples trained", "Injected",
+                   "Final top-1 (%)",
                    "Best top-1 (%)", "Final top-5 (%)", f"Time to {target_pct:g}% (s)"], rows)
 
 
@@ -700,6 +727,7 @@ def blocks(results_dir: Path, records: dict) -> dict[str, Callable[[], str]]:
         "compute-fit": lambda: block_compute_fit(results_dir),
         "grid-fig6": lambda: block_grid_fig6(records),
         "grid-table6": lambda: block_grid_table6(records),
+        "grid-bounded": lambda: block_grid_bounded(records),
         "grid-targets": lambda: block_grid_targets(records),
         "grid-runs": lambda: block_grid_runs(records),
         "ablations": lambda: block_ablations(records),

@@ -12,7 +12,8 @@ from scadles.results import RATE_SETS, TIMINGS, evals, grid_cells, paired_speedu
 DRAWS = 300  # rate draws per rate set for the predicted speedups
 METHOD_LABELS = {"ddp": "ddp (batch 64, persistence)",
                  "fig6": "ScaDLES, weighted aggregation (Fig. 6)",
-                 "full": "ScaDLES full: truncation + adaptive Top-k (Table VI)"}
+                 "full": "ScaDLES full: truncation + adaptive Top-k (Table VI)",
+                 "bounded": "ScaDLES, b_max 64 and --step-when-full (not in the paper)"}
 TIMING_LABELS = {"resnet152": "ResNet152 on K80", "vgg19": "VGG19 on K80"}
 
 
@@ -40,9 +41,9 @@ def speedup_against_slowest_rate(records: dict, path: Path, target_pct: float = 
     if not cells:
         return False
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5), sharey=True)
     colors = {"resnet152": "tab:blue", "vgg19": "tab:red"}
-    for ax, method in zip(axes, ("fig6", "full")):
+    for ax, method in zip(axes, ("fig6", "full", "bounded")):
         if not any(m == method for _, _, m in cells):
             ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes)
             ax.set_title(METHOD_LABELS[method], fontsize=10)
@@ -107,7 +108,7 @@ def grid_accuracy(records: dict, path: Path, seed: int = 0) -> bool:
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (rates, timing) in zip(axes.flat, panels):
-        for method in ("ddp", "fig6", "full"):
+        for method in ("ddp", "fig6", "full", "bounded"):
             run = cells.get((timing, rates, method), {}).get(seed)
             if run is None:
                 continue

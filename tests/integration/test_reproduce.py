@@ -19,9 +19,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "execution_scripts" / "reproduce_cpu.sh"
-# QUICK: grid S10,S2 x {ddp, fig6, full} x {resnet152, vgg19} seed 0; the rest one seed.
-RECORDS = {"grid": 12, "ablations": 8, "window": 3, "tablev": 2, "clocks": 2, "buffer": 2,
-           "inject": 4}
+# QUICK: grid S10,S2 x {ddp, fig6, full, bounded} x {resnet152, vgg19} seed 0; the rest one
+# seed.
+RECORDS = {"grid": 16, "ablations": 8, "window": 3, "tablev": 2, "clocks": 2, "buffer": 2,
+           "inject": 6}
 PLOTS = ["accuracy.png", "batch_sizes.png", "buffer.png", "bytes.png", "compression.png",
          "labels.png"]
 
