@@ -153,6 +153,7 @@ class _Peer:
         self.committed: int | None = None
         # records consumed: taken, discarded (not taken) or expired (older than a window)
         self.read = self.read_bytes = self.expired = self.discarded = 0
+        self.last_seq, self.duplicates = -1, 0  # a repeated seq (a producer retry) is dropped
 
     def ingest(self, records) -> None:
         for offset, record in records:
@@ -160,7 +161,11 @@ class _Peer:
                 break  # nothing after the end-of-stream marker belongs to the stream
             if record.__class__ is EndOfStream:
                 self.eos_offset = offset
+            elif record.seq <= self.last_seq:
+                self.duplicates += 1
+                continue
             else:
+                self.last_seq = record.seq
                 self.pending.append((offset, record))
             if record.event_time_s > self.horizon_s:
                 self.horizon_s = record.event_time_s
@@ -325,6 +330,7 @@ class Injector:
                 "expired": sum(p.expired for p in peers),
                 "discarded": sum(p.discarded for p in peers),
                 "incomplete_windows": self.incomplete,
+                "duplicates": sum(p.duplicates for p in peers),
                 "malformed": sum(sum(p.source.malformed.values()) for p in peers)}
 
     def close(self) -> None:
