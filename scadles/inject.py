@@ -536,6 +536,9 @@ def fill_pool(bootstrap: str, dataset, topic: str, rate_per_s: float, duration_s
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streamsim import logsetup
+
+    logsetup.configure("inject")
     parser = argparse.ArgumentParser(prog="python -m scadles.inject",
                                      description="Randomized data injection tools.")
     commands = parser.add_subparsers(dest="command", required=True)

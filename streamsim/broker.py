@@ -485,6 +485,9 @@ def stop(state_file: str | Path | None = None) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streamsim import logsetup
+
+    logsetup.configure("broker")
     parser = argparse.ArgumentParser(
         prog="python -m streamsim.broker",
         description="The shared embedded Kafka-protocol broker (Tansu) on loopback.")
