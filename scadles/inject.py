@@ -574,8 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"fill-pool: {e}", file=sys.stderr)
         return 2
-    except (BrokerUnreachable, BrokerError) as e:
-        print(f"fill-pool: {e}", file=sys.stderr)
+    except (BrokerUnreachable, BrokerError, RuntimeError) as e:  # a failed send included
+        print(f"fill-pool: {e}", file=sys.stderr, flush=True)
         return 1
     print(f"pool {summary['topic']}: {summary['records']} records over "
           f"{summary['stream_s']:g} s of stream ({summary['rate_per_s']:g}/s, "
