@@ -584,8 +584,21 @@ def _produce_here(bootstrap, streams, dataset, duration_s, pace, topic_of, start
                               bootstrap=bootstrap)
         ok = True
     finally:
-        producer.close(timeout=10 if ok else 0)  # after a failure nothing more will be taken
+        _close(producer, ok)
     return result, start
+
+
+def _close(producer, ok: bool) -> None:
+    """Close the client; after a failure without waiting for sends the broker will never
+    take (kafka-python's ``close`` flushes first and raises when that times out, and its
+    destructor would try again)."""
+    if ok:
+        producer.close(timeout=10)
+        return
+    sender = getattr(producer, "_sender", None)
+    if sender is not None and hasattr(sender, "force_close"):
+        sender.force_close()
+    producer._closed = True
 
 
 def _worker_main(worker, bootstrap, streams, dataset, duration_s, pace, topic_of, eos,
@@ -623,7 +636,7 @@ def _worker_main(worker, bootstrap, streams, dataset, duration_s, pace, topic_of
         known = isinstance(e, (SendFailed, BrokerUnreachable))
         queue.put(("error", worker, str(e) if known else f"{type(e).__name__}: {e}"))
     finally:
-        producer.close(timeout=10 if ok else 0)
+        _close(producer, ok)
 
 
 def _produce_in_workers(bootstrap, streams, dataset, duration_s, pace, topic_of,
