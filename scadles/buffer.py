@@ -174,6 +174,8 @@ class KafkaSource:
         request_timeout_ms=30_000,
     )
 
+    COMMIT_TIMEOUT_MS = 10_000  # a commit (or offset fetch) that takes longer has failed
+
     def __init__(self, bootstrap: str, topic: str, group_id: str, device: int,
                  num_classes: int | None = None,
                  sample_shape: tuple[int, int, int] | None = None,
@@ -289,7 +291,8 @@ class KafkaSource:
         from kafka.structs import OffsetAndMetadata
 
         try:
-            self._consumer.commit({self._tp: OffsetAndMetadata(int(offset), "", -1)})
+            self._consumer.commit({self._tp: OffsetAndMetadata(int(offset), "", -1)},
+                                  timeout_ms=self.COMMIT_TIMEOUT_MS)
         except KafkaError as e:
             self._raise_lost(f"committing offset {offset} of topic {self.topic}", e)
 
@@ -297,7 +300,7 @@ class KafkaSource:
         from kafka.errors import KafkaError
 
         try:
-            return self._consumer.committed(self._tp)
+            return self._consumer.committed(self._tp, timeout_ms=self.COMMIT_TIMEOUT_MS)
         except KafkaError as e:
             self._raise_lost(f"reading the committed offset of topic {self.topic}", e)
 
