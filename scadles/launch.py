@@ -381,6 +381,7 @@ class Launcher:
             codes = {self._log_of(n): c for n, _, c in failed}
             name = culprit.stem.replace("-", " ") if culprit.stem.startswith("rank-") else name
             code = codes.get(culprit, code)
+        status = code if code > 0 else 1
         say(f"{name} failed ({_how_it_ended(code)}): {cause}")
         tail = _tail_lines(culprit, LOG_TAIL_LINES)
         if tail:
@@ -413,7 +414,7 @@ class Launcher:
         what = "embedded Kafka broker" if embedded else "Kafka broker (KAFKA_BOOTSTRAP)"
         fix = ("rerun (an embedded broker keeps nothing: the run restarts its streams)"
                if embedded else "check that it runs and is reachable from here, then rerun")
-        if self.cfg.checkpoint_every:
+        if (self.log_dir / "checkpoints" / "latest").is_file():
             fix += "; RESUME=1 (--resume) continues from the last checkpoint"
         say(f"the {what} at {self.cfg.bootstrap} is gone: {why}. Stopping every process; "
             f"{fix}")
