@@ -246,3 +246,39 @@ def test_ctrl_c_stops_after_an_agreed_step_and_records_the_summary(tmp_path):
     summary = _stop_agreed(tmp_path / "run", 2, "interrupted")
     assert summary["steps"] < 500
     assert "(stopped: interrupted)" in run.output
+
+
+def test_malformed_records_of_every_rank_reach_run_json_by_kind(broker, tmp_path):
+    """Malformed records on rank 1's topic only (ahead of its stream): run.json's device
+    table has them per kind for device 1 (gathered from that rank, not rank 0's), and the
+    printed table shows the kinds."""
+    import numpy as np
+    from kafka import KafkaProducer
+
+    from streamsim import record
+    from streamsim.broker import create_topics
+
+    prefix = f"malformed-{os.getpid()}-{tmp_path.name}-"
+    create_topics(broker, [f"{prefix}0", f"{prefix}1"])
+    good = record.encode(1, 0, 3, np.zeros((1, 28, 28), np.uint8))
+    bad = [b"XX" + good[2:], b"XX" + good[2:], record.encode(1, 0, 99, np.zeros((1, 28, 28),
+                                                                                np.uint8)),
+           good[:10]]
+    producer = KafkaProducer(bootstrap_servers=broker)
+    for value in bad:
+        producer.send(f"{prefix}1", value, partition=0,
+                      timestamp_ms=int(record.VIRTUAL_EPOCH_S * 1000))
+    producer.flush()
+    producer.close()
+    args = ["--model-name", "smallcnn", "--dataset", "fashion-mnist", "--backend", "gloo",
+            "--clock", "virtual", "--compute-model", "linear:0.05,0.002", "--world-size", "2",
+            "--rates", "10,20", "--max-steps", "3", "--eval-steps", "0", "--eval-samples", "100",
+            "--bootstrap", broker, "--topic-prefix", prefix, "--log-dir", str(tmp_path / "run")]
+    proc = subprocess.run([sys.executable, "-m", "scadles.launch", *args], env=clean_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    devices = json.loads((tmp_path / "run" / "run.json").read_text())["summary"]["devices"]
+    assert devices[0]["malformed"] == 0 and devices[0]["malformed_by_kind"] == {}
+    assert devices[1]["malformed_by_kind"] == {"label": 1, "magic": 2, "short": 1}
+    assert devices[1]["malformed"] == 4 and devices[1]["samples_trained"] > 0
+    assert "4 (label 1, magic 2, short 1)" in proc.stdout
