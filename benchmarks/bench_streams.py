@@ -10,6 +10,10 @@
 3. S2 rates on 16 devices (~4,200 samples/s) and 4x that (~16,900/s), realtime, 30 s each
    (--quick 10 s): aggregate achieved rate, worst per-device error, latency.
 
+``--idempotent`` runs the producers idempotent (``enable_idempotence``, ``acks=all``): the
+broker then drops a batch a retry wrote twice. Compare its CPU per record and throughput
+with a plain run to see what that costs.
+
 Goals (printed PASS/FAIL): every device within 1% of its target; one topic >= 20,000
 samples/s; 4x S2 sustained (all records delivered, achieved within 1%, p99 latency < 1 s).
 Consumers: ``--consumers`` processes, each one manually assigned KafkaConsumer
@@ -41,6 +45,8 @@ CIFAR_SHAPE = (3, 32, 32)
 RATE_GOAL_PCT = 1.0
 SINGLE_TOPIC_GOAL_PER_S = 20_000
 SUSTAINED_P99_S = 1.0
+IDEMPOTENT = {"enable_idempotence": True, "acks": "all"}
+PRODUCER_CONFIG: dict | None = None  # --idempotent: IDEMPOTENT
 CONSUMER_CONFIG = dict(group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
                        allow_auto_create_topics=False, fetch_max_wait_ms=50,
                        max_partition_fetch_bytes=4 << 20, max_poll_records=2000)
@@ -173,7 +179,8 @@ def single_topic(bootstrap: str, dataset, samples: int, consumers: int) -> dict:
     meter = CpuMeter()
     group = Consumers(bootstrap, [topic], 1, timeout_s=600)
     t0, cpu0 = time.time(), time.process_time()
-    summary = produce(bootstrap, streams, dataset, duration_s, "virtual", prefix, workers=1)
+    summary = produce(bootstrap, streams, dataset, duration_s, "virtual", prefix, workers=1,
+                      producer_config=PRODUCER_CONFIG)
     produced_s, produce_cpu_s = time.time() - t0, time.process_time() - cpu0
     stats = group.collect(600)
     st = stats[topic]
@@ -199,7 +206,7 @@ def realtime_run(bootstrap: str, dataset, name: str, world_size: int, rates: str
     meter = CpuMeter()
     group = Consumers(bootstrap, topics, consumers, timeout_s=duration_s + 120)
     summary = produce(bootstrap, streams, dataset, duration_s, "realtime", prefix,
-                      workers=None)
+                      workers=None, producer_config=PRODUCER_CONFIG)
     stats = group.collect(duration_s + 150)
     cpu = meter.stop(stats["_cpu_s"], sum(stats[t]["count"] for t in topics), duration_s)
     rows = []
@@ -311,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP"))
     parser.add_argument("--consumers", type=int, default=2, help="consumer processes")
     parser.add_argument("--single-samples", type=int, default=None)
+    parser.add_argument("--idempotent", action="store_true",
+                        help="idempotent producers (enable_idempotence, acks=all)")
     args = parser.parse_args(argv)
+    global PRODUCER_CONFIG
+    PRODUCER_CONFIG = dict(IDEMPOTENT) if args.idempotent else None
     parts = {int(p) for p in args.parts.split(",")}
     dataset = load_dataset("synthetic", num_samples=2000, shape=CIFAR_SHAPE)
     embedded = None
@@ -322,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"bench_streams: broker {args.bootstrap} ({'embedded' if embedded else 'external'}),"
           f" {os.cpu_count()} cores, load average {load[0]:.1f} at start"
-          f"{', quick' if args.quick else ''}")
+          f"{', quick' if args.quick else ''}{', idempotent producers' if args.idempotent else ''}")
     verdicts = []
     try:
         if 1 in parts:

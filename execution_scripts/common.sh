@@ -11,7 +11,8 @@
 #     broker unless KAFKA_BOOTSTRAP is set, the producer and the ranks, and stops all of them
 #     on exit, failure or Ctrl-C.
 # Extra launcher flags: pass them to the script (`bash streamsim_vgg19.sh --eval-steps 10`)
-# or in EXTRA_ARGS. Booleans: RESUME=1, DOWNLOAD=1, ERROR_FEEDBACK=0, STEP_WHEN_FULL=1.
+# or in EXTRA_ARGS. Booleans: RESUME=1, DOWNLOAD=1, ERROR_FEEDBACK=0, STEP_WHEN_FULL=1 (any
+# other value is one line and exit 2, as the launcher treats a bad flag).
 
 set -euo pipefail
 
@@ -79,8 +80,18 @@ _default_log_dir() {
   echo "$REPO/logs/${name//:/-}"
 }
 
+_check_boolean() {  # NAME: a boolean setting is 0, 1 or unset
+  case "${!1:-}" in
+    ""|0|1) ;;
+    *) echo "config error: $1=${!1}: set it to 1 or 0 (or unset it)" >&2; exit 2 ;;
+  esac
+}
+
 run_scadles() {
   local pair name env_name
+  for name in RESUME DOWNLOAD ERROR_FEEDBACK STEP_WHEN_FULL; do
+    _check_boolean "$name"
+  done
   for pair in "${SCADLES_PARAMS[@]}"; do  # parameters the script left unset: environment
     name="${pair%%:*}"
     env_name="${name^^}"
@@ -114,6 +125,5 @@ run_scadles() {
 
   cd "$REPO"
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-  echo "logs: $log_dir" >&2
   exec "$PYTHON" -m scadles.launch "${args[@]}" "${extra[@]}" "$@"
 }

@@ -192,10 +192,15 @@ class DenseExchanger:
                 "floats_sent": floats_sent, "compress_s": 0.0}
 
     def state_dict(self) -> dict:
-        return {}
+        """The counters, so that a resumed run's summary counts the whole run."""
+        return {"counters": {"steps": self.steps, "bytes_sent_total": self.bytes_sent_total,
+                             "floats_sent_total": self.floats_sent_total}}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        counters = state.get("counters", {})  # {} from a checkpoint of an older version
+        self.steps = int(counters.get("steps", 0))
+        self.bytes_sent_total = int(counters.get("bytes_sent_total", 0))
+        self.floats_sent_total = int(counters.get("floats_sent_total", 0))
 
     def summary(self) -> dict:
         return {"steps": self.steps, "compressed_steps": 0, "dense_steps": self.steps,

@@ -11,9 +11,13 @@ are counted per kind in ``source.malformed``, logged once per kind, and skipped.
   a batch takes the oldest, leftovers carry over to the next step.
 - ``truncation``: only what arrived in the current window of ``window_s`` stream seconds is
   kept; older samples are discarded (``truncated``), a batch takes the newest and discards
-  the rest of its window.
+  the rest of its window. On a wall clock a record may reach the consumer after the batch
+  of its window was formed (a realtime producer lingers up to 200 ms); such a record was
+  never offered, so it is kept for the next batch rather than truncated.
 
 Both policies hold at most ``capacity`` samples; overflow drops the oldest (``dropped``).
+A record whose sequence number the buffer has already fetched (a producer retry that wrote
+a batch twice) is dropped and counted as ``duplicate``.
 
 Time comes from the clock the caller passes. With a wall clock, records are admitted when
 they are polled and waiting means polling. With a virtual clock, records are admitted by
@@ -23,7 +27,10 @@ time. Records of a topic come in event-time order, so once a record later than `
 end-of-stream marker) has been fetched, every record up to ``t`` is known.
 
 ``commit_used()`` commits the offset of the oldest sample not yet trained or discarded, so a
-run resumed from the committed offset neither loses nor repeats a sample.
+run resumed from the committed offset neither loses nor repeats a sample; ``state_dict()``
+is the buffer's side of that commit (the counters and the first sequence number not yet
+used), which a checkpoint keeps so that a resumed run counts the whole run and still knows
+duplicates.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Protocol
+from typing import Callable, Iterable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -48,12 +55,17 @@ Record = Sample | EndOfStream
 
 
 class StreamStalled(RuntimeError):
-    """No record arrived for ``stall_timeout_s`` while a batch needed data."""
+    """No record arrived for ``stall_timeout_s`` while a batch needed data (and the broker,
+    if there is one, still answers)."""
 
 
 class SourceError(RuntimeError):
-    """A topic that cannot be read (it does not exist). An unreachable broker raises
-    ``streamsim.broker.BrokerUnreachable``."""
+    """A topic that cannot be read (it does not exist, a commit was refused). An unreachable
+    broker raises ``streamsim.broker.BrokerUnreachable``."""
+
+
+class _Interrupted(Exception):
+    """A wait for data ended by the buffer's ``stop_requested``."""
 
 
 class RawRecord(NamedTuple):
@@ -69,6 +81,8 @@ class RecordDecoder:
 
     Each kind of malformation is logged once (with topic and offset); every malformed record
     is counted in ``malformed`` and skipped, so it never crashes a consumer or enters a batch.
+    ``malformed_before(offset)`` counts only those below a committed offset: what a
+    checkpoint may keep (a resumed run reads the records after it again).
     """
 
     def __init__(self, topic: str, device: int | None = None, num_classes: int | None = None,
@@ -78,6 +92,8 @@ class RecordDecoder:
         self.num_classes = num_classes
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
         self.malformed: dict[str, int] = {}
+        self._committed: dict[str, int] = {}
+        self._uncommitted: deque[tuple[int, str]] = deque()  # (offset, kind), offset order
 
     def decode_all(self, raw: Iterable) -> list[tuple[int, Record]]:
         """Decode records with ``offset``, ``value`` and ``timestamp`` (ms) attributes."""
@@ -91,9 +107,18 @@ class RecordDecoder:
                 self._count(e, r.offset)
         return out
 
+    def malformed_before(self, offset: int) -> dict[str, int]:
+        """Malformed records per kind at offsets below ``offset`` (offsets only grow)."""
+        pending, committed = self._uncommitted, self._committed
+        while pending and pending[0][0] < offset:
+            kind = pending.popleft()[1]
+            committed[kind] = committed.get(kind, 0) + 1
+        return dict(committed)
+
     def _count(self, error: RecordError, offset: int) -> None:
         seen = self.malformed.get(error.kind, 0)
         self.malformed[error.kind] = seen + 1
+        self._uncommitted.append((offset, error.kind))
         if seen == 0:
             log.warning("malformed record on topic %s at offset %d (%s); skipping it and "
                         "counting further %r records without logging them",
@@ -111,6 +136,7 @@ class Source(Protocol):
     def position(self) -> int: ...
     def commit(self, offset: int) -> None: ...
     def committed(self) -> int | None: ...
+    def malformed_before(self, offset: int) -> dict[str, int]: ...
     def close(self) -> None: ...
 
 
@@ -126,6 +152,12 @@ class KafkaSource:
     ``start``: ``"committed"`` (the group's committed offset, else the beginning),
     ``"beginning"``, or an explicit offset. ``consumer_settings`` override any client setting.
     Offsets and counts never come from the broker's end-offset or timestamp lookups.
+
+    A dead broker looks like a quiet topic to a consumer (its polls just come back empty), so
+    after ``broker_check_s`` of empty polls, and every ``broker_check_s`` after that, the
+    source checks that the broker still accepts connections (``streamsim.broker.probe``);
+    when it does not, or a commit fails for want of it, ``BrokerUnreachable`` says so in
+    one line.
     """
 
     # Throughput: large fetches (a CIFAR record is ~3 KB), many records per poll, and a short
@@ -142,11 +174,13 @@ class KafkaSource:
         request_timeout_ms=30_000,
     )
 
+    COMMIT_TIMEOUT_MS = 10_000  # a commit (or offset fetch) that takes longer has failed
+
     def __init__(self, bootstrap: str, topic: str, group_id: str, device: int,
                  num_classes: int | None = None,
                  sample_shape: tuple[int, int, int] | None = None,
                  start: str | int = "committed", poll_timeout_ms: int = 100,
-                 consumer_settings: dict | None = None):
+                 consumer_settings: dict | None = None, broker_check_s: float = 3.0):
         from kafka import KafkaConsumer, TopicPartition
         from kafka.errors import KafkaError
 
@@ -154,7 +188,11 @@ class KafkaSource:
             raise ValueError(f"start={start!r}: use 'committed', 'beginning' or an offset >= 0")
         if poll_timeout_ms < 0:
             raise ValueError(f"poll_timeout_ms={poll_timeout_ms} must be >= 0")
+        if not broker_check_s > 0:
+            raise ValueError(f"broker_check_s={broker_check_s} must be > 0")
         self.bootstrap = bootstrap
+        self.broker_check_s = float(broker_check_s)
+        self._next_check = time.monotonic() + self.broker_check_s
         self.topic = topic
         self.group_id = group_id
         self.device = device
@@ -199,26 +237,75 @@ class KafkaSource:
         self._position = int(start)
 
     def poll(self, timeout_s: float | None = None) -> list[tuple[int, Record]]:
-        """Decoded records in offset order (malformed ones counted and skipped)."""
+        """Decoded records in offset order (malformed ones counted and skipped); raises
+        BrokerUnreachable once polls have been empty and the broker is gone."""
+        from kafka.errors import KafkaError
+
         timeout_ms = self.poll_timeout_ms if timeout_s is None else int(timeout_s * 1000)
-        batches = self._consumer.poll(timeout_ms=max(0, timeout_ms))
+        try:
+            batches = self._consumer.poll(timeout_ms=max(0, timeout_ms))
+        except KafkaError as e:
+            self._raise_lost(f"reading topic {self.topic}", e)
         raw = batches.get(self._tp)
         if not raw:
+            if time.monotonic() >= self._next_check:
+                self.check_broker(quick=True)
             return []
+        self._next_check = time.monotonic() + self.broker_check_s
         self._position = raw[-1].offset + 1
         return self._decoder.decode_all(raw)
+
+    def check_broker(self, quick: bool = False) -> None:
+        """Raise BrokerUnreachable unless the broker accepts a connection (``quick``) or
+        answers a metadata request."""
+        from streamsim import broker
+
+        reason = broker.probe(self.bootstrap)
+        if reason is None and not quick:
+            try:
+                broker.check_reachable(self.bootstrap, timeout_s=5.0)
+            except broker.BrokerUnreachable:
+                reason = "it accepts connections but answers no metadata request in 5 s"
+        self._next_check = time.monotonic() + self.broker_check_s
+        if reason is not None:
+            raise broker.BrokerUnreachable(
+                broker.lost_message(self.bootstrap, reason, f"reading topic {self.topic}"))
+
+    def _raise_lost(self, doing: str, error: Exception):
+        """A client call failed: name the broker when it is gone, else the call."""
+        from streamsim import broker
+
+        reason = broker.probe(self.bootstrap)
+        if reason is not None:
+            raise broker.BrokerUnreachable(
+                broker.lost_message(self.bootstrap, reason, doing)) from None
+        raise SourceError(f"{doing} on {self.bootstrap} failed: {type(error).__name__}: "
+                          f"{error}") from None
 
     def position(self) -> int:
         """Offset of the next record this source will return."""
         return self._position
 
     def commit(self, offset: int) -> None:
+        from kafka.errors import KafkaError
         from kafka.structs import OffsetAndMetadata
 
-        self._consumer.commit({self._tp: OffsetAndMetadata(int(offset), "", -1)})
+        try:
+            self._consumer.commit({self._tp: OffsetAndMetadata(int(offset), "", -1)},
+                                  timeout_ms=self.COMMIT_TIMEOUT_MS)
+        except KafkaError as e:
+            self._raise_lost(f"committing offset {offset} of topic {self.topic}", e)
 
     def committed(self) -> int | None:
-        return self._consumer.committed(self._tp)
+        from kafka.errors import KafkaError
+
+        try:
+            return self._consumer.committed(self._tp, timeout_ms=self.COMMIT_TIMEOUT_MS)
+        except KafkaError as e:
+            self._raise_lost(f"reading the committed offset of topic {self.topic}", e)
+
+    def malformed_before(self, offset: int) -> dict[str, int]:
+        return self._decoder.malformed_before(offset)
 
     def highwater(self) -> int | None:
         """The partition's high watermark as of the last fetch (None before one)."""
@@ -348,6 +435,9 @@ class InProcessSource:
     def committed(self) -> int | None:
         return self._committed
 
+    def malformed_before(self, offset: int) -> dict[str, int]:
+        return {}  # generated records are never malformed
+
     def close(self) -> None:
         pass
 
@@ -375,6 +465,7 @@ class Batch:
     truncated: int             # discarded by truncation during this call
     ended: bool                # the stream ended and nothing is left after this batch
     buffer_peak: int = 0       # most samples held at once during this call (before taking)
+    duplicates: int = 0        # records dropped as duplicates during this call
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -388,9 +479,14 @@ class Batch:
 class StreamBuffer:
     """Admitted samples of one device stream and the policy that turns them into batches."""
 
+    COUNTERS = ("admitted", "trained", "dropped", "truncated", "duplicates")
+
     def __init__(self, source: Source, policy: str = "persistence", capacity: int = 10_000,
                  window_s: float = 1.0, stall_timeout_s: float = 60.0,
-                 poll_timeout_s: float = 0.1):
+                 poll_timeout_s: float = 0.1,
+                 stop_requested: Callable[[], bool] | None = None):
+        """``stop_requested``: checked while waiting for data; when it returns True the wait
+        ends and the call returns an empty batch (the trainer's agreed stop on SIGINT)."""
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: use one of {', '.join(POLICIES)}")
         if capacity < 1:
@@ -405,6 +501,7 @@ class StreamBuffer:
         self.window_s = float(window_s)
         self.stall_timeout_s = float(stall_timeout_s)
         self.poll_timeout_s = float(poll_timeout_s)
+        self.stop_requested = stop_requested
         self._buf: deque[tuple[int, Sample]] = deque()      # admitted, oldest first
         self._pending: deque[tuple[int, Sample]] = deque()  # fetched, not yet admitted
         self._eos: tuple[int, EndOfStream] | None = None    # (offset, marker) once fetched
@@ -413,9 +510,19 @@ class StreamBuffer:
         self._sample_shape = getattr(source, "sample_shape", None)
         self._last_arrival = time.monotonic()
         self._call_started = self._last_arrival
-        self.admitted = self.trained = self.dropped = self.truncated = 0
+        self.admitted = self.trained = self.dropped = self.truncated = self.duplicates = 0
         self.peak_buffer_len = 0
         self._call_peak = 0  # most samples held during the current batch call
+        self._last_seq = -1  # highest sequence number fetched: one at or below is a duplicate
+        self._duplicate_offsets: deque[int] = deque()  # not yet below a committed offset
+        self._duplicates_committed = 0
+        # wall clock, truncation: (window start, time taken) of the last batch; records of
+        # that window that arrive later were never offered and are kept
+        self._offered: tuple[float, float] | None = None
+        self._base: dict = {}  # counters of the run before a resume (load_state_dict)
+        self._committed_state: dict = {"version": 1, "next_seq": 0,
+                                       "counters": dict.fromkeys(self.COUNTERS, 0),
+                                       "peak_buffer_len": 0, "malformed": {}}
 
     # -- public ---------------------------------------------------------------------------
 
@@ -433,19 +540,25 @@ class StreamBuffer:
         start = self._begin(clock)
         if self.ended:
             return self._take(clock, start, 0, newest=False)
-        ready_s = max(clock.now(), last_step_s + self.window_s)
-        if step_when_full:
-            ready_s = self._wait_until_full(clock, max_bsz, ready_s)
-        else:
-            self._wait_until(clock, ready_s)
-        if self.policy == "truncation":
-            # The current window is (ready_s - window_s, ...]: samples arriving while we
-            # wait for min_bsz beyond ready_s belong to it too, so the wait always ends.
-            self._truncate(ready_s - self.window_s)
-        self._wait_for_count(clock, min_bsz)
+        try:
+            ready_s = max(clock.now(), last_step_s + self.window_s)
+            if step_when_full:
+                ready_s = self._wait_until_full(clock, max_bsz, ready_s)
+            else:
+                self._wait_until(clock, ready_s)
+            if self.policy == "truncation":
+                # The current window is (ready_s - window_s, ...]: samples arriving while we
+                # wait for min_bsz beyond ready_s belong to it too, so the wait always ends.
+                self._truncate(ready_s - self.window_s, clock.is_virtual)
+            self._wait_for_count(clock, min_bsz)
+        except _Interrupted:
+            return self._take(clock, start, 0, newest=False)
         if self.policy == "persistence":
             return self._take(clock, start, max_bsz, newest=False)
-        return self._take(clock, start, max_bsz, newest=True)
+        batch = self._take(clock, start, max_bsz, newest=True)
+        if not clock.is_virtual:
+            self._offered = (ready_s - self.window_s, clock.now())
+        return batch
 
     def next_fixed_batch(self, clock, bsz: int) -> Batch:
         """Conventional synchronous SGD: wait until ``bsz`` samples are there (or the stream
@@ -453,23 +566,61 @@ class StreamBuffer:
         if not 1 <= bsz <= self.capacity:
             raise ValueError(f"bsz={bsz} must be in [1, capacity={self.capacity}]")
         start = self._begin(clock)
-        self._wait_until(clock, clock.now())
-        self._wait_for_count(clock, bsz)
+        try:
+            self._wait_until(clock, clock.now())
+            self._wait_for_count(clock, bsz)
+        except _Interrupted:
+            return self._take(clock, start, 0, newest=False)
         return self._take(clock, start, bsz, newest=False)
 
     def commit_used(self) -> int:
         """Commit (and return) the offset of the oldest sample not yet trained or discarded:
         everything before it was used, so a run resumed there loses and repeats nothing."""
         if self._buf:
-            offset = self._buf[0][0]
+            offset, next_seq = self._buf[0][0], self._buf[0][1].seq
         elif self._pending:
-            offset = self._pending[0][0]
+            offset, next_seq = self._pending[0][0], self._pending[0][1].seq
         elif self._eos is not None:
             offset = self._eos[0]  # a resumed run sees the end-of-stream marker again
+            next_seq = self._last_seq + 1
         else:
-            offset = self.source.position()
+            offset, next_seq = self.source.position(), self._last_seq + 1
         self.source.commit(offset)
+        self._committed_state = self.state_dict(offset, next_seq)
         return offset
+
+    def state_dict(self, offset: int | None = None, next_seq: int | None = None) -> dict:
+        """The whole run's counters and the first sequence number not yet used, as of the
+        last ``commit_used()`` (called with no arguments) or of ``offset`` / ``next_seq``.
+        Every sample before a committed offset was trained or discarded, so the counters
+        then are exact for it; malformed records count only below it."""
+        if offset is None:
+            return dict(self._committed_state)
+        malformed_before = getattr(self.source, "malformed_before", None)
+        malformed = (malformed_before(offset) if malformed_before is not None
+                     else dict(self.source.malformed))
+        duplicate_offsets = self._duplicate_offsets
+        while duplicate_offsets and duplicate_offsets[0] < offset:
+            duplicate_offsets.popleft()
+            self._duplicates_committed += 1
+        stats = self.stats()
+        counters = {k: stats[k] for k in self.COUNTERS}
+        counters["duplicates"] = self._base.get("duplicates", 0) + self._duplicates_committed
+        # what is admitted beyond the offset is admitted again by a resumed run
+        counters["admitted"] = counters["trained"] + counters["dropped"] + counters["truncated"]
+        return {"version": 1, "next_seq": int(next_seq), "counters": counters,
+                "peak_buffer_len": stats["peak_buffer_len"],
+                "malformed": _add_counts(self._base.get("malformed", {}), malformed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a run from a checkpoint's ``state_dict()``: its counters become the base
+        of this one's, and a record before its next sequence number is a duplicate."""
+        if state.get("version") != 1:
+            raise ValueError(f"buffer state version {state.get('version')!r}: expected 1")
+        self._base = {**state["counters"], "peak_buffer_len": state["peak_buffer_len"],
+                      "malformed": dict(state["malformed"])}
+        self._last_seq = int(state["next_seq"]) - 1
+        self._committed_state = dict(state)
 
     @property
     def ended(self) -> bool:
@@ -480,22 +631,30 @@ class StreamBuffer:
         return len(self._buf)
 
     def stats(self) -> dict:
-        return dict(admitted=self.admitted, trained=self.trained, dropped=self.dropped,
-                    truncated=self.truncated, malformed=dict(self.source.malformed),
-                    buffer_len=len(self._buf), peak_buffer_len=self.peak_buffer_len)
+        """Counters of the whole run (a resumed one's include the run before it):
+        ``malformed`` per kind, ``peak_buffer_len``, ``buffer_len`` now."""
+        base = self._base
+        out = {k: base.get(k, 0) + getattr(self, k) for k in self.COUNTERS}
+        out["malformed"] = _add_counts(base.get("malformed", {}), self.source.malformed)
+        out["buffer_len"] = len(self._buf)
+        out["peak_buffer_len"] = max(base.get("peak_buffer_len", 0), self.peak_buffer_len)
+        return out
 
     def close(self) -> None:
         self.source.close()
 
     # -- fetching and admission -------------------------------------------------------------
 
-    def _begin(self, clock) -> tuple[float, int, int]:
+    def _begin(self, clock) -> tuple[float, int, int, int]:
         self._call_started = time.monotonic()
         self._call_peak = len(self._buf)
-        return clock.now(), self.dropped, self.truncated
+        return clock.now(), self.dropped, self.truncated, self.duplicates
 
     def _fetch(self, timeout_s: float, needed: str) -> bool:
-        """Poll the source once; raise StreamStalled when nothing came for too long."""
+        """Poll the source once; raise StreamStalled when nothing came for too long (after
+        checking the broker, when the source has one: a dead broker is named as such)."""
+        if self.stop_requested is not None and self.stop_requested():
+            raise _Interrupted()
         malformed_before = sum(self.source.malformed.values())
         records = self.source.poll(timeout_s)
         if records or sum(self.source.malformed.values()) != malformed_before:
@@ -503,21 +662,31 @@ class StreamBuffer:
         else:
             idle_s = time.monotonic() - max(self._last_arrival, self._call_started)
             if idle_s > self.stall_timeout_s:
+                check_broker = getattr(self.source, "check_broker", None)
+                if check_broker is not None:
+                    check_broker()
                 topic = getattr(self.source, "topic", self.source)
                 raise StreamStalled(
                     f"no record on topic {topic} for {idle_s:.0f} s and no end-of-stream "
-                    f"marker while waiting for {needed}: is the producer running "
-                    f"(python -m streamsim.produce)?")
+                    f"marker while waiting for {needed}, though the broker answers: is the "
+                    f"producer running (see producer.log in the log dir)?")
         eos = self._eos
+        last_seq = self._last_seq
         for offset, record in records:
             if eos is not None:
                 break  # nothing after the end-of-stream marker belongs to this stream
             if record.__class__ is EndOfStream:
                 eos = self._eos = (offset, record)
+            elif record.seq <= last_seq:
+                self.duplicates += 1  # written twice (a producer retry): trained once
+                self._duplicate_offsets.append(offset)
+                continue
             else:
+                last_seq = record.seq
                 self._pending.append((offset, record))
             if record.event_time_s > self._horizon_s:
                 self._horizon_s = record.event_time_s
+        self._last_seq = last_seq
         return bool(records)
 
     def _admit(self, t_s: float) -> None:
@@ -625,16 +794,29 @@ class StreamBuffer:
 
     # -- policies -------------------------------------------------------------------------
 
-    def _truncate(self, cutoff_s: float) -> None:
-        """Discard admitted samples with event time <= cutoff_s."""
+    def _truncate(self, cutoff_s: float, virtual: bool = True) -> None:
+        """Discard admitted samples with event time <= cutoff_s. On a wall clock, keep the
+        late arrivals of the last batch's window: records with an event time in that window
+        that reached us after its batch was taken (so they were never offered)."""
         buf = self._buf
         n = 0
-        while buf and buf[0][1].event_time_s <= cutoff_s:
-            buf.popleft()
-            n += 1
+        if virtual or self._offered is None:
+            while buf and buf[0][1].event_time_s <= cutoff_s:
+                buf.popleft()
+                n += 1
+        else:
+            window_start_s, taken_s = self._offered
+            kept = deque()
+            for item in buf:
+                t = item[1].event_time_s
+                if t <= cutoff_s and not window_start_s < t <= taken_s:
+                    n += 1
+                else:
+                    kept.append(item)
+            self._buf = kept
         self.truncated += n
 
-    def _take(self, clock, start: tuple[float, int, int], max_bsz: int,
+    def _take(self, clock, start: tuple[float, int, int, int], max_bsz: int,
               newest: bool) -> Batch:
         buf = self._buf
         n = min(len(buf), max_bsz)
@@ -645,7 +827,7 @@ class StreamBuffer:
             self.truncated += discard
         taken = [buf.popleft() for _ in range(n)]
         self.trained += n
-        start_s, dropped0, truncated0 = start
+        start_s, dropped0, truncated0, duplicates0 = start
         samples = [s for _, s in taken]
         if samples:
             images = np.stack([s.pixels for s in samples])
@@ -663,4 +845,13 @@ class StreamBuffer:
             truncated=self.truncated - truncated0,
             ended=self.ended,
             buffer_peak=self._call_peak,
+            duplicates=self.duplicates - duplicates0,
         )
+
+
+def _add_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Per-kind counts of ``a`` and ``b`` together."""
+    out = dict(a)
+    for kind, n in b.items():
+        out[kind] = out.get(kind, 0) + n
+    return out

@@ -6,7 +6,9 @@ The training loop never asks which backend it has: it gets a ``Comm`` with ``ran
 - ``gloo`` / ``nccl``: ``torch.distributed`` with the ``env://`` rendezvous (``RANK``,
   ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK`` as torchrun sets them;
   under ``mpiexec`` the ``PMI_RANK`` / ``PMI_SIZE`` it sets are used when ``RANK`` is absent).
-  nccl puts the rank on ``cuda:LOCAL_RANK``.
+  With ``SCADLES_RENDEZVOUS_FILE`` (the launcher sets it on one machine) the ranks meet
+  through a file store instead, so no rendezvous port is opened (torch's TCP store listens
+  on every interface). nccl puts the rank on ``cuda:LOCAL_RANK``.
 - ``mpi``: ``torch.distributed``'s MPI backend when the torch build has one, otherwise
   ``MPIComm``, which runs mpi4py collectives directly on numpy views of CPU tensors.
 
@@ -22,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 REDUCE_OPS = ("sum", "max")
+RENDEZVOUS_FILE_ENV = "SCADLES_RENDEZVOUS_FILE"
 
 
 def _env_int(*names: str, default: int | None = None) -> int | None:
@@ -117,10 +120,16 @@ class TorchComm(Comm):
             if backend == "nccl":
                 _check_cuda_for_nccl(self.local_rank)
                 torch.cuda.set_device(self.local_rank)
-            if self.world_size == 1 and "MASTER_PORT" not in os.environ:
+            store_file = os.environ.get(RENDEZVOUS_FILE_ENV)
+            if self.world_size == 1 and "MASTER_PORT" not in os.environ and not store_file:
                 # A single rank needs no rendezvous: an in-memory store will do.
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                         timeout=timeout)
+            elif store_file:
+                store = dist.FileStore(store_file, self.world_size)
+                store.set_timeout(timeout)
+                dist.init_process_group(backend, store=store, rank=self.rank,
+                                        world_size=self.world_size, timeout=timeout)
             else:
                 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
                 if "MASTER_PORT" not in os.environ:
@@ -254,6 +263,15 @@ class MPIComm(Comm):
 
     def close(self) -> None:
         """Nothing to tear down: mpi4py finalizes MPI at interpreter exit."""
+
+
+def env_rank() -> int:
+    """This process's rank as its launcher set it (``RANK``, or the MPI launcher's), before
+    any process group exists; 0 when none is set."""
+    try:
+        return _env_int("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", default=0)
+    except ValueError:
+        return 0
 
 
 def _rendezvous_env() -> tuple[int, int, int]:

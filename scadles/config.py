@@ -8,7 +8,10 @@ any process or broker starts. ``Config.to_argv()`` gives the flags that reproduc
 which is how the launcher hands it to every rank.
 
 Environment defaults: ``KAFKA_BOOTSTRAP`` (--bootstrap), ``HOSTS``, ``NNODES``, ``NODE_RANK``,
-``MASTER_ADDR``, ``MASTER_PORT`` (multi-node runs, as torchrun takes them).
+``MASTER_ADDR``, ``MASTER_PORT`` (multi-node runs, as torchrun takes them). Other environment
+inputs checked here: ``MPIEXEC`` (which mpiexec), ``TANSU_BIN`` (the embedded broker),
+``SCADLES_DATA_DIR`` (where datasets are). A bad value of any of them is one line and exit
+status 2, like a bad flag.
 """
 from __future__ import annotations
 
@@ -162,6 +165,8 @@ class Config:
     run_id: str | None = _opt(None, "run identifier", hidden=True)
     fail_at_step: int = _opt(0, "test hook: rank --fail-rank dies at this step", hidden=True)
     fail_rank: int = _opt(-1, "test hook: the rank that dies (-1: the last)", hidden=True)
+    rank_log: bool = _opt(False, "write this rank's stdout and stderr to LOG_DIR/rank-R.log "
+                                 "(the launcher sets it)", hidden=True)
 
     # -- derived --------------------------------------------------------------------------
     @property
@@ -179,6 +184,11 @@ class Config:
     @property
     def num_nodes(self) -> int:
         return len(self.host_slots)
+
+    @property
+    def single_machine(self) -> bool:
+        """Every rank runs on this machine (no HOSTS, one node): servers bind loopback."""
+        return not self.hosts and self.nnodes == 1
 
     def local_ranks(self) -> range:
         """The global ranks this node runs."""
@@ -316,6 +326,7 @@ def find_mpiexec() -> str | None:
 
 def validate(cfg: Config, check_environment: bool = True) -> None:
     """Raise ConfigError naming the first problem found and how to fix it."""
+    _validate_addresses(cfg)
     _one_of("--mode", cfg.mode, MODES)
     _one_of("--backend", cfg.backend, BACKENDS)
     _one_of("--policy", cfg.policy, POLICIES)
@@ -432,6 +443,40 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
         _validate_environment(cfg)
 
 
+def _validate_addresses(cfg: Config) -> None:
+    """The broker and rendezvous addresses, from flags or the environment."""
+    from streamsim.broker import parse_addresses
+
+    if cfg.bootstrap is not None:
+        try:
+            parse_addresses(cfg.bootstrap)
+        except ValueError:
+            raise ConfigError(f"--bootstrap/KAFKA_BOOTSTRAP {cfg.bootstrap!r} is not "
+                              f"HOST:PORT: give the broker's port too, e.g. "
+                              f"KAFKA_BOOTSTRAP=127.0.0.1:9092 (a comma list for several), "
+                              f"or unset it to start an embedded broker") from None
+    if cfg.master_addr is not None:
+        addr = cfg.master_addr.strip()
+        if not addr or re.search(r"\s", addr):
+            raise ConfigError(f"--master-addr/MASTER_ADDR {cfg.master_addr!r} is not a host "
+                              f"name: set it to rank 0's host, e.g. MASTER_ADDR=10.0.0.1")
+        if ":" in addr and not _is_ipv6(addr):
+            raise ConfigError(f"--master-addr/MASTER_ADDR {cfg.master_addr!r} holds a port: "
+                              f"set MASTER_ADDR to the host only and MASTER_PORT to the port")
+    if cfg.master_port is not None and not 0 < cfg.master_port < 65536:
+        raise ConfigError(f"--master-port/MASTER_PORT {cfg.master_port}: must be a port "
+                          f"number in 1..65535")
+
+
+def _is_ipv6(text: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(text.strip("[]")).version == 6
+    except ValueError:
+        return False
+
+
 def _validate_placement(cfg: Config) -> None:
     if cfg.nnodes < 1:
         raise ConfigError(f"--nnodes/NNODES {cfg.nnodes}: must be >= 1")
@@ -461,10 +506,25 @@ def _validate_placement(cfg: Config) -> None:
 
 
 def _validate_environment(cfg: Config) -> None:
-    """Checks of this machine: the MPI launcher and GPUs."""
+    """Checks of this machine: the MPI launcher, the broker binary, the data folder, GPUs."""
     if cfg.backend == "mpi" and find_mpiexec() is None:
+        if os.environ.get("MPIEXEC"):
+            raise ConfigError(f"MPIEXEC={os.environ['MPIEXEC']!r} is not an executable "
+                              f"mpiexec: fix the path or unset MPIEXEC to use the venv's")
         raise ConfigError("--backend mpi needs mpiexec and none was found: install the venv "
                           "(make venv: mpich) or use --backend gloo")
+    if cfg.source == "kafka" and not cfg.bootstrap and cfg.node_rank == 0:
+        from streamsim.broker import BrokerError, find_tansu
+
+        try:
+            find_tansu()
+        except BrokerError as e:
+            raise ConfigError(f"no embedded broker to start: {e}; or set "
+                              f"KAFKA_BOOTSTRAP=HOST:PORT to use a running Kafka") from None
+    data_env = os.environ.get("SCADLES_DATA_DIR")
+    if data_env and not cfg.data_dir and not Path(data_env).is_dir():
+        raise ConfigError(f"SCADLES_DATA_DIR={data_env!r} is not a directory: point it at "
+                          f"the data folder, or unset it (default <repo>/data)")
     if cfg.backend == "nccl":
         import torch
 

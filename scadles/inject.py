@@ -153,6 +153,7 @@ class _Peer:
         self.committed: int | None = None
         # records consumed: taken, discarded (not taken) or expired (older than a window)
         self.read = self.read_bytes = self.expired = self.discarded = 0
+        self.last_seq, self.duplicates = -1, 0  # a repeated seq (a producer retry) is dropped
 
     def ingest(self, records) -> None:
         for offset, record in records:
@@ -160,7 +161,11 @@ class _Peer:
                 break  # nothing after the end-of-stream marker belongs to the stream
             if record.__class__ is EndOfStream:
                 self.eos_offset = offset
+            elif record.seq <= self.last_seq:
+                self.duplicates += 1
+                continue
             else:
+                self.last_seq = record.seq
                 self.pending.append((offset, record))
             if record.event_time_s > self.horizon_s:
                 self.horizon_s = record.event_time_s
@@ -325,6 +330,7 @@ class Injector:
                 "expired": sum(p.expired for p in peers),
                 "discarded": sum(p.discarded for p in peers),
                 "incomplete_windows": self.incomplete,
+                "duplicates": sum(p.duplicates for p in peers),
                 "malformed": sum(sum(p.source.malformed.values()) for p in peers)}
 
     def close(self) -> None:
@@ -530,6 +536,9 @@ def fill_pool(bootstrap: str, dataset, topic: str, rate_per_s: float, duration_s
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streamsim import logsetup
+
+    logsetup.configure("inject")
     parser = argparse.ArgumentParser(prog="python -m scadles.inject",
                                      description="Randomized data injection tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -565,8 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"fill-pool: {e}", file=sys.stderr)
         return 2
-    except (BrokerUnreachable, BrokerError) as e:
-        print(f"fill-pool: {e}", file=sys.stderr)
+    except (BrokerUnreachable, BrokerError, RuntimeError) as e:  # a failed send included
+        print(f"fill-pool: {e}", file=sys.stderr, flush=True)
         return 1
     print(f"pool {summary['topic']}: {summary['records']} records over "
           f"{summary['stream_s']:g} s of stream ({summary['rate_per_s']:g}/s, "

@@ -13,7 +13,10 @@ Only this module writes run logs. A run directory holds:
   identical on every rank); ``{"kind": "resume", "step"}`` where a resumed run continued.
 - ``run.json``: the configuration, versions, git commit, the partition summary
   (``"partition": {"labels_per_device": [[...]], "samples_per_device": [...]}``) and, at
-  the end, ``"summary"``.
+  the end, ``"summary"`` (``"stop_reason"``: max steps, max stream time, streams ended or
+  interrupted).
+- ``rank-<r>.log``: everything rank r wrote to stdout and stderr (``capture_output``), its
+  log lines prefixed ``rank <r>``; ``producer.log`` likewise for the producer.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_JSON = "run.json"
@@ -31,6 +35,52 @@ RUN_JSON = "run.json"
 
 def rank_log_path(log_dir: str | Path, rank: int) -> Path:
     return Path(log_dir) / f"rank-{rank}.jsonl"
+
+
+def rank_output_path(log_dir: str | Path, rank: int) -> Path:
+    return Path(log_dir) / f"rank-{rank}.log"
+
+
+def capture_output(log_dir: str | Path, rank: int, append: bool = False) -> TextIO:
+    """Send this process's stdout and stderr to ``LOG_DIR/rank-<rank>.log`` (appended to
+    when ``append``, as a resumed run does); return a stream on the original stdout.
+
+    The file descriptors themselves are redirected, so what C libraries (gloo, MPI) and the
+    interpreter's tracebacks write lands in the file too. What the user should still see
+    (rank 0's progress and summary) is written to the returned stream, through ``Tee``."""
+    path = rank_output_path(log_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal = os.fdopen(os.dup(1), "w", buffering=1)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return terminal
+
+
+class Tee:
+    """A text stream writing to the terminal and to a log: a line redrawn in place on the
+    terminal (``\r...``) becomes a line of its own in the log."""
+
+    def __init__(self, terminal: TextIO, log: TextIO):
+        self.terminal, self.log = terminal, log
+
+    def write(self, text: str) -> int:
+        self.terminal.write(text)
+        if text.startswith("\r"):
+            text = text[1:].rstrip() + "\n"
+        self.log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.terminal.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return self.terminal.isatty()
 
 
 def seq_ranges(seqs) -> list[list[int]]:
@@ -227,9 +277,10 @@ def format_summary(summary: dict) -> str:
     if compressed is not None and dense is not None:
         cnc_text += f" ({compressed} compressed / {dense} dense steps)"
 
+    stopped = summary.get("stop_reason")
     return "\n".join([
         "== run summary",
-        f"steps          {summary['steps']}",
+        f"steps          {summary['steps']}" + (f" (stopped: {stopped})" if stopped else ""),
         f"stream time    {summary['stream_s']:.1f} s ({summary['samples']} samples trained)",
         f"accuracy       final top1 {pct(summary['final_top1'])}, best top1 "
         f"{pct(summary['best_top1'])}, final top5 {pct(summary.get('final_top5'))}",
@@ -243,13 +294,18 @@ def format_summary(summary: dict) -> str:
 
 
 def format_devices(devices: list[dict]) -> list[str]:
-    """The per-device table of the summary: what each stream delivered and what was trained."""
+    """The per-device table of the summary: what each stream delivered and what was trained
+    (malformed records by kind after their total)."""
     if not devices:
         return []
-    lines = ["device  rate/s  trained  mean b_i  injected  dropped  truncated  peak buf  malformed"]
+    lines = ["device  rate/s  trained  mean b_i  injected  dropped  truncated  duplicate  "
+             "peak buf  malformed"]
     for d in devices:
+        kinds = d.get("malformed_by_kind") or {}
+        by_kind = (" (" + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) + ")"
+                   if kinds else "")
         lines.append(f"{d['device']:>6}  {d['rate_per_s']:>6.1f}  {d['samples_trained']:>7}  "
                      f"{d['mean_local_bsz']:>8.1f}  {d.get('injected', 0):>8}  "
-                     f"{d['dropped']:>7}  {d['truncated']:>9}  {d['peak_buffer']:>8}  "
-                     f"{d['malformed']:>9}")
+                     f"{d['dropped']:>7}  {d['truncated']:>9}  {d.get('duplicates', 0):>9}  "
+                     f"{d['peak_buffer']:>8}  {d['malformed']:>9}{by_kind}")
     return lines

@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
+    from streamsim import logsetup
     from streamsim.schedule import parse_rates
+
+    logsetup.configure("predict")
 
     p = argparse.ArgumentParser(prog="python -m scadles.predict", description=(
         "Predicted step time, global batch and speedup bounds of ScaDLES against ddp "

@@ -774,6 +774,9 @@ def parse_target(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streamsim import logsetup
+
+    logsetup.configure("report")
     parser = argparse.ArgumentParser(prog="python -m scadles.report", description=__doc__.split(
         "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="LOG_DIR of a run")

@@ -793,6 +793,10 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
+    from streamsim import logsetup
+
+    logsetup.configure("results")
+
     p = argparse.ArgumentParser(prog="python -m scadles.results",
                                 description="Store a run's compact record for the results page")
     sub = p.add_subparsers(dest="command", required=True)

@@ -16,14 +16,26 @@ Both: SGD with momentum and weight decay, the learning rate decaying by --gamma 
 Time: on a virtual clock a step costs its compute time (measured or modelled) plus its sync
 time plus the wait for data; after each step every rank's clock moves to the group's
 latest, so in ddp mode the slowest stream sets the pace. Evaluation does not move stream time.
+
+Stops are agreed: every reason to stop (--max-steps, --max-stream-s, the streams ending,
+SIGINT) is decided on numbers the ranks have exchanged in the same collective, so every rank
+leaves the loop after the same step, on either clock. After SIGINT the run ends with the
+summary so far (``stop_reason`` "interrupted"); a second SIGINT stops the rank at once.
+
+Failures: a known one (the broker gone, a stalled stream, missing data) is one line
+``rank R FAILED: ...`` on stderr and exit status 3; anything else leaves its traceback and
+exit status 1. Under the launcher, stdout and stderr go to ``LOG_DIR/rank-R.log``.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import signal
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -31,17 +43,23 @@ import torch.nn.functional as F
 
 from scadles import checkpoint, metrics
 from scadles.aggregate import aggregation_weight, multistep_factor, step_lr
-from scadles.buffer import InProcessSource, KafkaSource, StreamBuffer
+from scadles.buffer import (InProcessSource, KafkaSource, SourceError, StreamBuffer,
+                            StreamStalled)
 from scadles.clock import CommModel, ComputeModel, VirtualClock, WallClock
-from scadles.comm import make_comm, share_cpu_threads
+from scadles.comm import env_rank, make_comm, share_cpu_threads
 from scadles.compress import make_exchanger
 from scadles.config import Config, parse_args
 from scadles.models import build_model
 from scadles.optim import SGD
-from streamsim.datasets import load_dataset
+from streamsim import logsetup
+from streamsim.broker import BrokerUnreachable
+from streamsim.datasets import DatasetError, load_dataset
 from streamsim.record import VIRTUAL_EPOCH_S
 
 FAIL_EXIT = 17  # exit status of the --fail-at-step test hook
+KNOWN_FAILURE_EXIT = 3  # a failure with a one-line cause (FAILED_MARK)
+FAILED_MARK = "FAILED: "  # "rank R FAILED: <cause>": the line the launcher reports
+KNOWN_FAILURES = (BrokerUnreachable, StreamStalled, SourceError, DatasetError)
 EVAL_BATCH = 500
 
 
@@ -161,30 +179,34 @@ def label_hist(labels: np.ndarray) -> dict[str, int]:
     return {str(int(v)): int(c) for v, c in zip(values, counts)}
 
 
-DEVICE_FIELDS = ("samples_trained", "malformed", "dropped", "truncated", "peak_buffer",
-                 "injected")
+def gather_json(comm, obj) -> list:
+    """Every rank's JSON-able ``obj``, indexed by rank (one allgather of their bytes)."""
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    return [json.loads(bytes(t.cpu().tolist()).decode())
+            for t in comm.allgather_varlen(data.to(comm.device))]
 
 
-def device_summary(comm, cfg: Config, buffer_stats: dict, steps: int,
+def device_summary(comm, cfg: Config, samples_trained: int, buffer_stats: dict, steps: int,
                    injection: dict | None) -> list[dict]:
-    """Per device: stream rate, samples trained (own stream), mean local batch, malformed
-    records, drops and the peak buffer, gathered with one allreduce."""
+    """Per device, over the whole run (a resumed run included): stream rate, samples trained
+    from its own stream, mean local batch, injected, dropped, truncated and duplicate
+    records, the peak buffer and malformed records (total and per kind), gathered from
+    every rank."""
     from streamsim.schedule import make_schedules
 
-    table = torch.zeros(comm.world_size, len(DEVICE_FIELDS), dtype=torch.float64,
-                        device=comm.device)
-    table[comm.rank] = torch.tensor(
-        [buffer_stats["trained"], sum(buffer_stats["malformed"].values()),
-         buffer_stats["dropped"], buffer_stats["truncated"], buffer_stats["peak_buffer_len"],
-         (injection or {}).get("injected", 0)], dtype=torch.float64)
-    comm.allreduce_(table, op="sum")
+    malformed = buffer_stats["malformed"]
+    mine = {"samples_trained": int(samples_trained),
+            "injected": int((injection or {}).get("injected", 0)),
+            "dropped": int(buffer_stats["dropped"]), "truncated": int(buffer_stats["truncated"]),
+            "duplicates": int(buffer_stats["duplicates"]),
+            "peak_buffer": int(buffer_stats["peak_buffer_len"]),
+            "malformed": int(sum(malformed.values())),
+            "malformed_by_kind": {k: int(n) for k, n in sorted(malformed.items())}}
     schedules = make_schedules(cfg.rates, cfg.world_size, cfg.seed, cfg.rate_schedule)
     rows = []
-    for device, values in enumerate(table.tolist()):
-        row = {"device": device, "rate_per_s": schedules[device].rate_at(0.0)}
-        row.update({k: int(v) for k, v in zip(DEVICE_FIELDS, values)})
-        row["mean_local_bsz"] = row["samples_trained"] / steps if steps else 0.0
-        rows.append(row)
+    for device, row in enumerate(gather_json(comm, mine)):
+        rows.append({"device": device, "rate_per_s": schedules[device].rate_at(0.0), **row,
+                     "mean_local_bsz": row["samples_trained"] / steps if steps else 0.0})
     return rows
 
 
@@ -194,20 +216,44 @@ def agree(comm, values: list[float], op: str = "sum") -> list[float]:
     return comm.allreduce_(t, op=op).tolist()
 
 
+class StopRequest:
+    """Set by SIGINT (the launcher forwards the user's Ctrl-C): the rank asks the group to
+    stop after the current step. A second SIGINT raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> "StopRequest":
+        signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 
-def train(cfg: Config, comm) -> dict:
+def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = None) -> dict:
+    """Run the loop; returns the run summary. ``display``: where rank 0's progress and
+    summary go (default stdout); ``stop_requested``: the SIGINT flag (default: never)."""
     wall_start = time.time()
     rank, world_size, device = comm.rank, comm.world_size, comm.device
     if world_size != cfg.world_size:
         raise RuntimeError(f"rank {rank} sees a world of {world_size} rank(s) but --world-size "
                            f"is {cfg.world_size}: start the ranks with python -m scadles.launch")
+    stop_requested = stop_requested or StopRequest()
+    display = display or sys.stdout
     share_cpu_threads(comm)
     info = agree_run_info(comm, cfg)
     stream_start_s = info["stream_start_s"]
-    progress = metrics.Progress(enabled=rank == 0, max_steps=cfg.max_steps)
+    progress = metrics.Progress(enabled=rank == 0, max_steps=cfg.max_steps, stream=display)
 
     # Data: the training split for shapes and statistics (and in-process streams), the test
     # split for evaluation.
@@ -249,6 +295,7 @@ def train(cfg: Config, comm) -> dict:
 
     # Where the run starts: from scratch, or from the latest checkpoint.
     step, samples_global, best_top1, last_eval = 0, 0, None, None
+    samples_trained = 0  # from this device's own stream, over the whole run
     last_step_s = stream_start_s
     start_offset: str | int = "beginning"
     rank_state = None
@@ -263,13 +310,17 @@ def train(cfg: Config, comm) -> dict:
         start_offset = rank_state["offset"]
         exchanger.load_state_dict(rank_state["exchanger"])
         checkpoint.set_rng_state(rank_state["rng"])
+        samples_trained = rank_state.get("samples_trained", 0)
         progress.note(f"resuming at step {step} (stream time "
                       f"{shared['clock_s'] - stream_start_s:.1f} s) from {cfg.log_dir}")
-    log = metrics.RankLog(cfg.log_dir, rank, resume_step=step if cfg.resume else None)
+    rows = metrics.RankLog(cfg.log_dir, rank, resume_step=step if cfg.resume else None)
 
     streams = device_streams(cfg, train_set) if cfg.source == "inprocess" else None
     buffer = StreamBuffer(open_source(cfg, info, rank, train_set, start_offset, streams),
-                          cfg.policy, cfg.buffer_capacity, cfg.window_s)
+                          cfg.policy, cfg.buffer_capacity, cfg.window_s,
+                          stop_requested=stop_requested)
+    if rank_state is not None and "buffer" in rank_state:
+        buffer.load_state_dict(rank_state["buffer"])
     injector = make_injector(cfg, rank, info, train_set, streams)
     if injector is not None and rank_state is not None and "injector" in rank_state:
         injector.load_state_dict(rank_state["injector"])
@@ -279,7 +330,7 @@ def train(cfg: Config, comm) -> dict:
         result = evaluate(model, comm, test_set, eval_idx, mean, std, device)
         last_eval = {"kind": "eval", "step": step,
                      "clock_s": round(clock.now() - stream_start_s, 6), **result}
-        log.write(last_eval)
+        rows.write(last_eval)
         best_top1 = result["top1"] if best_top1 is None else max(best_top1, result["top1"])
         progress.note(f"eval step {step}: loss {result['loss']:.4f}, top1 "
                       f"{result['top1']:.2f}%, top5 {result['top5']:.2f}% "
@@ -295,7 +346,8 @@ def train(cfg: Config, comm) -> dict:
                       "clock_s": clock.now(), "best_top1": best_top1, "last_eval": last_eval,
                       "config": cfg.to_dict()}
         mine = {"offset": committed_offset, "last_step_s": last_step_s,
-                "rng": checkpoint.rng_state(), "exchanger": exchanger.state_dict()}
+                "rng": checkpoint.rng_state(), "exchanger": exchanger.state_dict(),
+                "buffer": buffer.state_dict(), "samples_trained": samples_trained}
         if injector is not None:
             mine["injector"] = injector.state_dict()
         checkpoint.save(cfg.log_dir, step, rank, mine, shared, comm.barrier)
@@ -307,14 +359,31 @@ def train(cfg: Config, comm) -> dict:
     if cfg.eval_every_s:
         resumed_s = clock.now() - stream_start_s
         next_eval_s = (math.floor(resumed_s / cfg.eval_every_s) + 1) * cfg.eval_every_s
+
+    def end_of_step() -> tuple[bool, bool]:
+        """The group's latest clock (every rank moves to it), and whether any rank was
+        interrupted or (wall clock) is past --max-stream-s: one small max-allreduce."""
+        over = (not clock.is_virtual and cfg.max_stream_s is not None
+                and clock.now() - stream_start_s >= cfg.max_stream_s)
+        t_end, interrupted, any_over = agree(
+            comm, [clock.now(), float(stop_requested()), float(over)], op="max")
+        clock.advance_to(t_end)
+        return interrupted > 0, any_over > 0
+
     stop_reason = "max steps"
+    group_interrupted, group_over = end_of_step()
     while True:
-        # -- stop? Every rank decides on the same numbers (the group's clock).
+        # -- stop? Every rank decides on numbers agreed in the last collective: the group's
+        # clock, the step, and the flags of end_of_step.
         stream_s = clock.now() - stream_start_s
+        if group_interrupted:
+            stop_reason = "interrupted"
+            break
         if cfg.max_steps and step >= cfg.max_steps:
             break
-        if cfg.max_stream_s is not None and clock.is_virtual and stream_s >= cfg.max_stream_s:
-            stop_reason = "max stream time"  # (the wall clock's limit is agreed on below)
+        if cfg.max_stream_s is not None and (stream_s >= cfg.max_stream_s if clock.is_virtual
+                                             else group_over):
+            stop_reason = "max stream time"
             break
 
         # -- a batch from the stream (plus injected samples).
@@ -332,31 +401,27 @@ def train(cfg: Config, comm) -> dict:
         local_bsz = len(batch)
         weight_bsz = int(inj.get("weight_bsz", local_bsz))
 
-        # -- b_i -> B, and whether the streams have ended (one small allreduce).
+        # -- b_i -> B, whether the streams have ended, and whether a rank was interrupted
+        # while it waited for data (one small allreduce).
         t_sync = time.perf_counter()
         ended = batch.ended and local_count == 0
         short = cfg.mode == "ddp" and local_count < cfg.train_bsz
-        # On a wall clock each rank reads its own time: the group stops when any rank is past
-        # --max-stream-s, so that every rank leaves the loop at the same step.
-        over = (not clock.is_virtual and cfg.max_stream_s is not None
-                and clock.now() - stream_start_s >= cfg.max_stream_s)
-        global_bsz, n_ended, n_short, n_over = (
-            int(v) for v in agree(comm, [weight_bsz, ended, short, over]))
+        global_bsz, n_ended, n_short, n_interrupted = (
+            int(v) for v in agree(comm, [weight_bsz, ended, short, stop_requested()]))
         agree_s = time.perf_counter() - t_sync
-        if n_over:
-            stop_reason = "max stream time"
+        if n_interrupted:
+            stop_reason = "interrupted"
             break
         if n_short or n_ended == world_size:
             stop_reason = "streams ended"
             break
         if cfg.fail_at_step and step + 1 == cfg.fail_at_step and \
                 rank == (cfg.fail_rank if cfg.fail_rank >= 0 else world_size - 1):
-            print(f"rank {rank}: failing at step {step + 1} (--fail-at-step test hook)",
-                  file=sys.stderr, flush=True)
+            print(f"rank {rank} {FAILED_MARK}failing at step {step + 1} (--fail-at-step test "
+                  f"hook)", file=sys.stderr, flush=True)
             os._exit(FAIL_EXIT)
         if global_bsz == 0:  # nobody has data yet (--min-train-bsz 0): let time pass
-            t_end = agree(comm, [clock.now()], op="max")[0]
-            clock.advance_to(t_end)
+            group_interrupted, group_over = end_of_step()
             continue
         step += 1
 
@@ -390,6 +455,7 @@ def train(cfg: Config, comm) -> dict:
             group["lr"] = lr
         optimizer.step()
         samples_global += global_bsz
+        samples_trained += local_count
         committed_offset = buffer.commit_used()
 
         # -- time: this step's compute and sync, then the group's latest clock.
@@ -398,20 +464,20 @@ def train(cfg: Config, comm) -> dict:
                                     compressed=exchange["compressed"],
                                     dense_bytes=dense_bytes, world_size=world_size)
         clock.advance(compute_s + sync_s)
-        t_end = agree(comm, [clock.now()], op="max")[0]
-        clock.advance_to(t_end)
-        stream_s = t_end - stream_start_s
+        group_interrupted, group_over = end_of_step()
+        stream_s = clock.now() - stream_start_s
 
         row = {"kind": "train", "step": step, "clock_s": round(stream_s, 6), "local_bsz": local_bsz,
                "global_bsz": global_bsz, "weight": weight, "lr": lr, "wait_s": batch.wait_s,
                "compute_s": compute_s, "sync_s": sync_s, "buffer_len": batch.buffer_len,
                "buffer_peak": batch.buffer_peak,
                "dropped": batch.dropped, "truncated": batch.truncated,
+               "duplicates": batch.duplicates,
                "loss": loss_value if local_bsz > 0 else None,
                "label_hist": label_hist(batch.labels),
                "seqs": local_seqs, **exchange,
                **{k: v for k, v in inj.items() if k != "weight_bsz"}}
-        log.write(row)
+        rows.write(row)
         progress.update(step, stream_s, samples_global, loss_value,
                         None if last_eval is None else last_eval["top1"])
 
@@ -422,8 +488,9 @@ def train(cfg: Config, comm) -> dict:
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_checkpoint()
 
-    # -- the end: a last evaluation, the summary, a clean close.
-    if last_eval is None or last_eval["step"] != step:
+    # -- the end: a last evaluation (not after SIGINT: the user wants out), the summary, a
+    # clean close.
+    if stop_reason != "interrupted" and (last_eval is None or last_eval["step"] != step):
         run_eval()
     progress.close()
     ex_summary = exchanger.summary()
@@ -431,32 +498,35 @@ def train(cfg: Config, comm) -> dict:
     cnc = ex_summary.get("cnc_ratio")
     if cnc is None and ex_summary.get("dense_steps"):
         cnc = ex_summary.get("compressed_steps", 0) / ex_summary["dense_steps"]
+    final = last_eval or {}
     summary = {"steps": step, "stream_s": clock.now() - stream_start_s,
                "samples": samples_global, "stop_reason": stop_reason,
-               "final_top1": last_eval["top1"], "final_top5": last_eval["top5"],
+               "final_top1": final.get("top1"), "final_top5": final.get("top5"),
                "best_top1": best_top1, "bytes_sent_total": bytes_sent_total,
                "cnc_ratio": cnc, "compressed_steps": ex_summary.get("compressed_steps"),
                "dense_steps": ex_summary.get("dense_steps"),
                "compression_hint": ex_summary.get("hint"),
                "wall_s": time.time() - wall_start, "log_dir": cfg.log_dir,
                "buffer": buffer.stats(),
-               "devices": device_summary(comm, cfg, buffer.stats(), step,
+               "devices": device_summary(comm, cfg, samples_trained, buffer.stats(), step,
                                          injector.summary() if injector else None)}
     if injector is not None:
         summary["injection"] = injector.summary()
         injector.close()
     if rank == 0:
         metrics.update_run_json(cfg.log_dir, summary=summary, exchanger=ex_summary)
-        print(metrics.format_summary(summary), flush=True)
+        print(metrics.format_summary(summary), file=display, flush=True)
     buffer.close()
-    log.close()
+    rows.close()
     return summary
 
 
 def exit_now(code: int, backend: str) -> None:
     """Exit without the interpreter's teardown of torch (seconds on a loaded machine):
-    everything was closed and flushed already; MPI is finalized first."""
-    if backend == "mpi":
+    everything was closed and flushed already. After a clean run MPI is finalized first;
+    after a failure it is not (finalizing waits for the other ranks, which may wait for this
+    one: the MPI launcher stops them when a rank exits unfinalized)."""
+    if backend == "mpi" and code == 0:
         from mpi4py import MPI
 
         if MPI.Is_initialized() and not MPI.Is_finalized():
@@ -468,14 +538,30 @@ def exit_now(code: int, backend: str) -> None:
 
 def main(argv: list[str] | None = None, exit_fast: bool = False) -> int:
     cfg = parse_args(argv, prog="python -m scadles.train")
-    comm = make_comm(cfg.backend)
+    rank = env_rank()
+    display = sys.stdout
+    if cfg.rank_log:  # started by the launcher: this rank's output goes to rank-R.log
+        terminal = metrics.capture_output(cfg.log_dir, rank, append=cfg.resume)
+        display = metrics.Tee(terminal, sys.stdout) if rank == 0 else sys.stdout
+    # into the rank's log file everything; on a terminal shared with other ranks, warnings
+    logsetup.configure(f"rank {rank}", logging.INFO if cfg.rank_log else logging.WARNING)
+    stop_requested = StopRequest().install()
+    code = 0
     try:
-        train(cfg, comm)
-    finally:
+        comm = make_comm(cfg.backend)
+        train(cfg, comm, display, stop_requested)
         comm.close()
-    if exit_fast:
-        exit_now(0, cfg.backend)
-    return 0
+    except KNOWN_FAILURES as e:
+        code = KNOWN_FAILURE_EXIT
+        print(f"rank {rank} {FAILED_MARK}{e}", file=sys.stderr, flush=True)
+    except BaseException as e:  # the traceback stays in the log; the cause is its last line
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1
+        traceback.print_exc()
+        print(f"rank {rank} {FAILED_MARK}{type(e).__name__}: {e}".rstrip(": "),
+              file=sys.stderr, flush=True)
+    if exit_fast or code:
+        exit_now(code, cfg.backend)
+    return code
 
 
 if __name__ == "__main__":

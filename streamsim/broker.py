@@ -87,11 +87,53 @@ def _tansu_command(binary: str, port: int) -> list[str]:
 
 def parse_bootstrap(bootstrap: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (the first address of a comma list); ValueError when malformed."""
-    first = str(bootstrap).split(",")[0].strip()
-    host, sep, port = first.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bootstrap {bootstrap!r}: expected HOST:PORT, e.g. 127.0.0.1:9092")
-    return host, int(port)
+    return parse_addresses(bootstrap)[0]
+
+
+def parse_addresses(bootstrap: str) -> list[tuple[str, int]]:
+    """Every ``HOST:PORT`` of a comma list (``[v6]:PORT`` allowed); ValueError naming the
+    first malformed one."""
+    addresses = []
+    for item in str(bootstrap).split(","):
+        item = item.strip()
+        host, sep, port = item.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bootstrap {bootstrap!r}: expected HOST:PORT (a comma list for "
+                             f"several), e.g. 127.0.0.1:9092")
+        addresses.append((host, int(port)))
+    return addresses
+
+
+def probe(bootstrap: str, timeout_s: float = 2.0) -> str | None:
+    """Why no broker of ``bootstrap`` accepts a TCP connection (``"connection refused"``,
+    ``"timed out"``, ...), or None when one does.
+
+    Cheap (one connect per address, no Kafka request): it tells a dead or unreachable broker
+    (its port closed, its host gone) from a quiet topic, which a consumer cannot tell apart
+    from its polls alone. A broker that accepts connections but does not answer is found by
+    ``check_reachable`` (a metadata request)."""
+    reasons = []
+    for host, port in parse_addresses(bootstrap):
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                return None
+        except socket.timeout:
+            reasons.append(f"no answer within {timeout_s:g} s")
+        except ConnectionRefusedError:
+            reasons.append("connection refused")
+        except socket.gaierror as e:
+            reasons.append(f"host {host!r} not found ({e.strerror})")
+        except OSError as e:
+            reasons.append(e.strerror or type(e).__name__)
+    return reasons[0] if len(set(reasons)) == 1 else "; ".join(reasons)
+
+
+def lost_message(bootstrap: str, reason: str, doing: str) -> str:
+    """The one line that says a broker went away mid-run."""
+    return (f"Kafka broker at {bootstrap} stopped answering ({reason}) while {doing}: check "
+            f"that it runs and is reachable, then rerun (RESUME=1 continues from the last "
+            f"checkpoint)")
 
 
 @contextlib.contextmanager
@@ -443,6 +485,9 @@ def stop(state_file: str | Path | None = None) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streamsim import logsetup
+
+    logsetup.configure("broker")
     parser = argparse.ArgumentParser(
         prog="python -m streamsim.broker",
         description="The shared embedded Kafka-protocol broker (Tansu) on loopback.")

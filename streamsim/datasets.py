@@ -355,6 +355,9 @@ def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streamsim import logsetup
+
+    logsetup.configure("datasets")
     parser = argparse.ArgumentParser(prog="python -m streamsim.datasets",
                                      description="Show what a dataset name finds.")
     parser.add_argument("name", choices=list(DATASETS))

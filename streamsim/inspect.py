@@ -200,6 +200,9 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streamsim import logsetup
+
+    logsetup.configure("inspect")
     parser = argparse.ArgumentParser(prog="python -m streamsim.inspect",
                                      description="Summarize what a device topic holds.")
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP"),

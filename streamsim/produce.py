@@ -13,6 +13,11 @@ sends as fast as the broker takes it, identical content for the same seed. When 
 SIGINT/SIGTERM) it flushes and writes an end-of-stream marker with the count sent on every
 topic. ``--workers K`` splits the devices over K processes for high aggregate rates.
 
+A record counts as sent once the broker acknowledged it. A send that fails stops the
+producer with one line (``SendFailed``), and so does a broker that stops acknowledging and no
+longer accepts connections (``BrokerUnreachable``, within ``ACK_SILENCE_S`` plus a probe):
+a stream with a hole in it is no stream to train on.
+
     python -m streamsim.produce --bootstrap 127.0.0.1:9092 --dataset fashion-mnist \\
         --partition iid --world-size 4 --rates "92 22 62 42" --duration 60 \\
         --pace realtime --seed 0
@@ -41,7 +46,11 @@ PACES = ("realtime", "virtual")
 DEFAULT_TOPIC_PREFIX = "trainer-"
 PRODUCER_CONFIG = {  # the base (scadles.inject uses it as is); PACE_PRODUCER_CONFIG on top
     "acks": 1,
-    "enable_idempotence": False,  # needs acks=all; order is kept by one request in flight
+    # Not idempotent: a retry may write a batch twice, and the trainer's buffer drops and
+    # counts the repeated sequence numbers. Measured with bench_streams.py --idempotent
+    # (Tansu 0.6, acks=all): 1-4% more CPU per record in back-to-back runs, no better
+    # latency or rate accuracy, and no gain the buffer's dedupe does not already give.
+    "enable_idempotence": False,
     "max_in_flight_requests_per_connection": 1,  # a retried batch never overtakes a later one
     "retries": 3,
     "linger_ms": 5,
@@ -64,6 +73,9 @@ PACE_PRODUCER_CONFIG = {
     "realtime": {"linger_ms": 200},
     "virtual": {"batch_size": 4 << 20, "linger_ms": 20},
 }
+# Sends unacknowledged this long make the producer check the broker (a TCP connect): a dead
+# broker is named within seconds instead of after the client's delivery timeout.
+ACK_SILENCE_S = 5.0
 # Aggregate bytes/s one producer process sustains comfortably on a shared 2-core machine
 # (measured ~57,000 x 3 KB records/s flat out); above it --workers defaults to 2 or more.
 WORKER_BYTES_PER_S = 24e6
@@ -82,12 +94,16 @@ REALTIME_GROUP = 64
 _LAG_BINS_MS = 1000  # send-lag histogram: 1 ms bins, the last one holds everything later
 
 
+class SendFailed(RuntimeError):
+    """The broker did not take a record (after the client's retries)."""
+
+
 @dataclass
 class _DeviceTally:
     device: int
     topic: str
     target_rate_per_s: float
-    count: int = 0
+    count: int = 0  # acknowledged by the broker
     failed: int = 0
     last_offset_s: float | None = None
     eos_count: int | None = None
@@ -199,12 +215,95 @@ def _pending_limit(producer, pace: str, record_bytes: int) -> int:
     return max(1000, MAX_PENDING_BYTES // record_bytes)
 
 
+class _Acks:
+    """Sends the broker has not acknowledged yet. ``settle`` counts the acknowledged ones
+    per device (only they count as sent), raises ``SendFailed`` on a failed one, and, when
+    nothing was acknowledged for ``ACK_SILENCE_S`` while sends wait, checks that the broker
+    is still there (``BrokerUnreachable`` naming it when not)."""
+
+    def __init__(self, tallies: list[_DeviceTally], bootstrap: str | None,
+                 silence_s: float = ACK_SILENCE_S):
+        self.tallies = tallies
+        self.bootstrap = bootstrap
+        self.silence_s = silence_s
+        self.pending: list = []  # (slot, future), in send order
+        self.last_ack = time.monotonic()
+        self._next_check = self.last_ack + silence_s
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def settle(self) -> None:
+        still = []
+        acked = False
+        tallies = self.tallies
+        for slot, future in self.pending:
+            if not future.is_done:
+                still.append((slot, future))
+            elif future.failed():
+                self.pending = still
+                self._failed(slot, future.exception)
+            else:
+                tallies[slot].count += 1
+                acked = True
+        self.pending = still
+        now = time.monotonic()
+        if acked or not still:
+            self.last_ack = now
+            self._next_check = now + self.silence_s
+        elif now >= self._next_check:
+            self._next_check = now + self.silence_s
+            self.check_broker(f"no acknowledgement for {now - self.last_ack:.0f} s")
+
+    def wait(self, keep: int) -> None:
+        """Block until at most ``keep`` sends are unacknowledged (back-pressure)."""
+        self.settle()
+        while len(self.pending) > keep:
+            try:  # acks come about in send order: wait for the one that leaves ``keep``
+                self.pending[-keep - 1][1].get(timeout=1.0)
+            except Exception:  # a timeout, or a failure settle() reports
+                pass
+            self.settle()
+
+    def flush(self, producer) -> None:
+        """``producer.flush()``, watching the broker while it waits."""
+        while True:
+            try:
+                producer.flush(timeout=1.0)
+                break
+            except Exception as e:  # kafka-python: KafkaTimeoutError when not done in time
+                if "Timeout" not in type(e).__name__:
+                    raise
+                self.settle()
+        self.settle()
+
+    def check_broker(self, why: str) -> None:
+        if self.bootstrap is None:
+            return
+        from streamsim import broker
+
+        reason = broker.probe(self.bootstrap)
+        if reason is not None:
+            raise broker.BrokerUnreachable(broker.lost_message(
+                self.bootstrap, reason, f"producing ({why})"))
+
+    def _failed(self, slot: int, error) -> None:
+        self.tallies[slot].failed += 1
+        self.check_broker("a send failed")
+        raise SendFailed(f"the broker{' at ' + self.bootstrap if self.bootstrap else ''} did "
+                         f"not take a record of topic {self.tallies[slot].topic}: "
+                         f"{type(error).__name__}: {error}; the stream would have a hole, so "
+                         f"the producer stops")
+
+
 def _run_streams(producer, streams: Sequence, dataset, duration_s: float, pace: str,
                  topic_of: dict[int, str], start_time_s: float, eos: bool,
                  should_stop: Callable[[], bool],
                  on_tick: Callable[[list[_DeviceTally], float], None] | None,
-                 tick_s: float = 1.0, quantum_s: float | None = None) -> _RunResult:
-    """Send every stream's items in [0, duration_s) when due; flush; write EOS markers."""
+                 tick_s: float = 1.0, quantum_s: float | None = None,
+                 bootstrap: str | None = None) -> _RunResult:
+    """Send every stream's items in [0, duration_s) when due; flush; write EOS markers.
+    Raises SendFailed or BrokerUnreachable (``bootstrap``: the broker to check)."""
     tallies = [_DeviceTally(s.device, topic_of[s.device],
                             s.schedule.expected_count(0.0, duration_s) / duration_s)
                for s in streams]
@@ -222,23 +321,17 @@ def _run_streams(producer, streams: Sequence, dataset, duration_s: float, pace: 
     interrupted = False
     send = producer.send
     start_ms = start_time_s * 1000.0
-    counts = [0] * len(streams)
     last_offsets: list[float | None] = [None] * len(streams)
 
     def settle(offsets: list, slots: list) -> None:
-        """Count sent items (per device, with the last offset of each)."""
+        """The last offset handed to the client, per device (the end marker's time)."""
         for offset_s, slot in zip(offsets, slots):
-            counts[slot] += 1
             last_offsets[slot] = offset_s
         for slot, tally in enumerate(tallies):
-            tally.count = counts[slot]
             tally.last_offset_s = last_offsets[slot]
 
-    def eos_failed(slot, _exc):
-        tallies[slot].eos_failed = True
-
     stream_s = duration_s
-    pending: list = []  # (slot, future) not yet known to have succeeded
+    acks = _Acks(tallies, bootstrap)
     record_bytes = record.HEADER_BYTES + int(np.prod(dataset.sample_shape))
     max_pending = _pending_limit(producer, pace, record_bytes)
     # virtual: a chunk at most half the pending limit, so back-pressure between chunks holds
@@ -276,7 +369,7 @@ def _run_streams(producer, streams: Sequence, dataset, duration_s: float, pace: 
                 next_tick = now + tick_s
                 settle(offsets[settled:i], slots[settled:i])
                 settled = i
-                pending = _count_failures(pending, tallies)
+                acks.settle()
                 if on_tick is not None:
                     on_tick(tallies, now - run_t0)
             if should_stop():
@@ -284,13 +377,13 @@ def _run_streams(producer, streams: Sequence, dataset, duration_s: float, pace: 
                 stream_s = (max(0.0, min(duration_s, now - start_mono)) if realtime
                             else offsets[i])
                 break
-            if len(pending) >= max_pending:
-                pending = _wait_pending(pending, tallies, max_pending // 2)
+            if len(acks) >= max_pending:
+                acks.wait(max_pending // 2)
             group = slots[i:j]
-            pending.extend(zip(group, [send(topics[slot], value, partition=0,
-                                            timestamp_ms=stamp)
-                                       for slot, value, stamp in zip(group, values[i:j],
-                                                                     stamps[i:j])]))
+            acks.pending.extend(zip(group, [send(topics[slot], value, partition=0,
+                                                 timestamp_ms=stamp)
+                                            for slot, value, stamp in zip(group, values[i:j],
+                                                                          stamps[i:j])]))
             i = j
         settle(offsets[settled:i], slots[settled:i])
         if interrupted:
@@ -303,45 +396,25 @@ def _run_streams(producer, streams: Sequence, dataset, duration_s: float, pace: 
             if should_stop() and time.monotonic() < end_mono:
                 interrupted = True
                 stream_s = max(0.0, time.monotonic() - start_mono)
-    producer.flush()
-    _count_failures(pending, tallies)
+    acks.flush(producer)
     if eos:
         end_ms = event_ms(start_ms, stream_s)
+        markers = []
         for slot, tally in enumerate(tallies):
             last_ms = (event_ms(start_ms, tally.last_offset_s)
                        if tally.last_offset_s is not None else end_ms)
-            tally.eos_count = tally.count - tally.failed
-            send(tally.topic, record.encode_eos(tally.device, tally.eos_count), partition=0,
-                 timestamp_ms=max(end_ms, last_ms)).add_errback(eos_failed, slot)
-        producer.flush()
+            tally.eos_count = tally.count
+            markers.append((slot, send(tally.topic, record.encode_eos(tally.device,
+                                                                      tally.eos_count),
+                                       partition=0, timestamp_ms=max(end_ms, last_ms))))
+        acks.flush(producer)
+        for slot, future in markers:
+            if future.failed():
+                tallies[slot].eos_failed = True
     if on_tick is not None:
         on_tick(tallies, time.monotonic() - run_t0)
     return _RunResult(tallies, stream_s, time.monotonic() - run_t0, interrupted, lag_hist,
                       max_lag_s)
-
-
-def _count_failures(pending: list, tallies: list[_DeviceTally]) -> list:
-    """Count failed sends per device; the futures still in flight (a per-record errback
-    costs more than the send's own bookkeeping)."""
-    still = []
-    for slot, future in pending:
-        if not future.is_done:
-            still.append((slot, future))
-        elif future.failed():
-            tallies[slot].failed += 1
-    return still
-
-
-def _wait_pending(pending: list, tallies: list[_DeviceTally], keep: int) -> list:
-    """Block until at most ``keep`` sends are unacknowledged (back-pressure)."""
-    pending = _count_failures(pending, tallies)
-    while len(pending) > keep:
-        try:  # acks come about in send order: wait for the one that leaves ``keep``
-            pending[-keep - 1][1].get(timeout=60)
-        except Exception:  # counted as a failure by _count_failures
-            pass
-        pending = _count_failures(pending, tallies)
-    return pending
 
 
 class _StopFlag:
@@ -506,14 +579,30 @@ def _produce_here(bootstrap, streams, dataset, duration_s, pace, topic_of, start
                   eos, stop_flag, show, producer_config) -> tuple[_RunResult, float]:
     producer = _make_producer(bootstrap, producer_config, pace,
                               [topic_of[s.device] for s in streams])
+    ok = False
     try:
         start = _resolve_start(pace, start_time_s)
         result = _run_streams(producer, streams, dataset, duration_s, pace, topic_of,
                               start, eos, stop_flag,
-                              lambda tallies, t: show.show(sum(x.count for x in tallies), t))
+                              lambda tallies, t: show.show(sum(x.count for x in tallies), t),
+                              bootstrap=bootstrap)
+        ok = True
     finally:
-        producer.close(timeout=10)
+        _close(producer, ok)
     return result, start
+
+
+def _close(producer, ok: bool) -> None:
+    """Close the client; after a failure without waiting for sends the broker will never
+    take (kafka-python's ``close`` flushes first and raises when that times out, and its
+    destructor would try again)."""
+    if ok:
+        producer.close(timeout=10)
+        return
+    sender = getattr(producer, "_sender", None)
+    if sender is not None and hasattr(sender, "force_close"):
+        sender.force_close()
+    producer._closed = True
 
 
 def _worker_main(worker, bootstrap, streams, dataset, duration_s, pace, topic_of, eos,
@@ -528,6 +617,7 @@ def _worker_main(worker, bootstrap, streams, dataset, duration_s, pace, topic_of
     except Exception as e:  # reported by the parent as one line
         queue.put(("error", worker, f"{type(e).__name__}: {e}"))
         return
+    ok = False
     try:
         queue.put(("ready", worker, None))
         while not go.wait(0.1):
@@ -541,12 +631,16 @@ def _worker_main(worker, bootstrap, streams, dataset, duration_s, pace, topic_of
 
         start = start_value.value if go.is_set() else _resolve_start(pace, None)
         result = _run_streams(producer, streams, dataset, duration_s, pace, topic_of,
-                              start, eos, stop_flag, tick, tick_s=0.2)
+                              start, eos, stop_flag, tick, tick_s=0.2, bootstrap=bootstrap)
         queue.put(("done", worker, result))
+        ok = True
     except Exception as e:
-        queue.put(("error", worker, f"{type(e).__name__}: {e}"))
+        from streamsim.broker import BrokerUnreachable
+
+        known = isinstance(e, (SendFailed, BrokerUnreachable))
+        queue.put(("error", worker, str(e) if known else f"{type(e).__name__}: {e}"))
     finally:
-        producer.close(timeout=10)
+        _close(producer, ok)
 
 
 def _produce_in_workers(bootstrap, streams, dataset, duration_s, pace, topic_of,
@@ -607,7 +701,7 @@ def _produce_in_workers(bootstrap, streams, dataset, duration_s, pace, topic_of,
             if p.is_alive():
                 p.kill()
     if errors:
-        raise RuntimeError(f"producer failed: {errors[0]}")
+        raise RuntimeError(errors[0])
     return [(results[w], start) for w in sorted(results)]
 
 
@@ -726,9 +820,12 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from streamsim import logsetup
     from streamsim.broker import (CLI_PROBE_S, BrokerError, BrokerUnreachable,
                                   check_reachable, parse_bootstrap)
     from streamsim.datasets import DATASETS, DatasetError, load_dataset
+
+    logsetup.configure("produce")
 
     try:
         if not args.bootstrap:
@@ -767,8 +864,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = produce(args.bootstrap, streams, dataset, args.duration, args.pace,
                           args.topic_prefix, args.start_time, eos=not args.no_eos,
                           workers=workers, progress=not args.quiet and not args.json)
-    except (BrokerUnreachable, BrokerError, RuntimeError) as e:
-        print(f"produce: {e}", file=sys.stderr)
+    except (BrokerUnreachable, BrokerError, RuntimeError) as e:  # SendFailed included
+        print(f"produce: {e}", file=sys.stderr, flush=True)
         return 1
     print(json.dumps(summary) if args.json else format_summary(summary), flush=True)
     return 1 if summary["failed"] else 0

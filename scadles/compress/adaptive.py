@@ -6,8 +6,9 @@ into the same choice on every rank. Everything here except the trackers' running
 pure function of numbers, so the rules are unit-tested on their own (as Accordion's
 ``auto_scale.py`` is).
 
-Signals (``--adaptive-signal``), each measured on this rank's tensor handed to Top-k (the
-weighted gradient plus the error-feedback residual):
+Signals (``--adaptive-signal``); ``paper`` and ``orig`` are measured on this rank's tensor
+handed to Top-k (the weighted gradient plus the error-feedback residual), ``gradnorm-change``
+on this rank's own local gradient, before weighting:
 
 - ``paper`` (default): EWMA of |‖g‖² − ‖Topk(g)‖²| / ‖g‖², the fraction of the gradient's
   energy Top-k would drop; s_t = alpha x value_t + (1 − alpha) x s_{t−1}, s_1 = value_1

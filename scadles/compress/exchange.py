@@ -6,7 +6,8 @@ Per step, on every rank i (``SparseExchanger.exchange``):
    is applied *before* compression, so what is dropped is measured in aggregate units), in
    one pass into a flat model-sized buffer whose views become the ``.grad``;
 2. Top-k of each layer, and the signal (``adaptive.py``) from the layer norms (the
-   ``gradnorm-change`` signal needs no Top-k, so adaptive mode then selects after the vote);
+   ``gradnorm-change`` signal reads the local gradient's norm before step 1 and needs no
+   Top-k, so adaptive mode then selects after the vote);
 3. static mode compresses; adaptive mode allreduces one vote per rank and ``decide``s, so
    every rank takes the same path;
 4. compressed: the kept values of all layers go out in one buffer with their flat indices
@@ -92,12 +93,15 @@ class SparseExchanger:
         if not named_params:
             raise ValueError("exchange needs at least one parameter")
         started = time.perf_counter()
+        # The gradnorm-change signal watches this rank's own local gradient (its mean over
+        # the local batch), before weighting: a change of b_i / B alone is no critical region.
+        grad_norm = None
+        if self.signal.needs_grad_norm:
+            grad_norm = math.sqrt(float(torch.stack(
+                [_sq_norm(p.grad) for _, p in named_params if p.grad is not None]).sum()))
         # 1: w_i x grad + residual, in one pass, into this step's gradient buffer; every
         # .grad becomes a view of it (in place when it already is one).
         grads = self._weigh_into_buffer(named_params, weight)
-        grad_norm = None
-        if self.signal.needs_grad_norm:
-            grad_norm = math.sqrt(float(torch.stack([_sq_norm(g) for g in grads]).sum()))
 
         # 2: select now when the step will surely be sparse or the signal needs what Top-k
         # keeps.

@@ -183,6 +183,33 @@ def test_unreachable_broker_is_one_clear_line(unique_name):
     assert address in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_broker_that_dies_is_named_not_taken_for_a_quiet_topic(unique_name, dataset):
+    """A private broker is killed while a source reads a quiet topic: within a few seconds
+    the source says the broker stopped answering (one line, its address), where a quiet
+    topic on a live broker only gives empty polls; a commit after that says so too."""
+    from streamsim.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as private:
+        topic = unique_name + "0"
+        create_topics(private.bootstrap, [topic])
+        source = kafka_source(private.bootstrap, topic, unique_name, broker_check_s=1.0)
+        quiet_until = time.monotonic() + 2.5
+        while time.monotonic() < quiet_until:  # alive and quiet: empty polls, no error
+            assert source.poll(0.1) == []
+        private.process.kill()
+        killed = time.monotonic()
+        with pytest.raises(BrokerUnreachable) as err:
+            while time.monotonic() - killed < 20:
+                source.poll(0.1)
+        assert time.monotonic() - killed < 5
+        message = str(err.value)
+        assert private.bootstrap in message and "stopped answering" in message
+        assert topic in message and "\n" not in message
+        with pytest.raises(BrokerUnreachable, match="committing offset 0"):
+            source.commit(0)
+        source.close()
+
+
 def test_missing_topic_is_a_clear_error(broker, unique_name):
     with pytest.raises(SourceError, match="does not exist"):
         KafkaSource(broker, unique_name + "missing", unique_name, 0)

@@ -204,6 +204,7 @@ class _Future:
 
     def __init__(self, ok: bool):
         self.is_done, self.ok = True, ok
+        self.exception = None if ok else RuntimeError("broker said no")
 
     def failed(self):
         return not self.ok
@@ -230,21 +231,20 @@ class _FakeProducer:
         self.sent.append((topic, bytes(value), timestamp_ms))
         return _Future(not self.fail_every or len(self.sent) % self.fail_every)
 
-    def flush(self):
+    def flush(self, timeout=None):
         pass
 
 
-@pytest.mark.parametrize("fail_every", [0, 97])
-def test_every_item_sent_once_in_order_and_failures_counted(fail_every):
+def test_every_item_sent_once_in_order_and_counted_when_acknowledged():
     """The chunked send loop against the plan, without a broker: each device's records in seq
-    order with their event times, the devices interleaved by event time, every failed send
-    counted (and left out of the end-of-stream count), small back-pressure limits included."""
+    order with their event times, the devices interleaved by event time, every acknowledged
+    send counted (and in the end-of-stream count), small back-pressure limits included."""
     from streamsim.datasets import load_dataset
     from streamsim.produce import _run_streams
 
     data = load_dataset("synthetic", num_samples=300, shape=(1, 4, 4))
     streams = build_streams(data, "iid", 3, "500 20 3000", seed=2, arrivals="poisson")
-    producer = _FakeProducer(fail_every)
+    producer = _FakeProducer()
     start_ms = record.VIRTUAL_EPOCH_S * 1000
     result = _run_streams(producer, streams, data, 2.0, "virtual",
                           {s.device: f"x-{s.device}" for s in streams},
@@ -260,10 +260,25 @@ def test_every_item_sent_once_in_order_and_failures_counted(fail_every):
         assert [ts for _, ts in mine] == event_ms(start_ms, offsets_s).tolist()
         assert [s.label for s, _ in mine] == data.labels[indices].tolist()
         assert tally.count == len(seqs) and tally.last_offset_s == offsets_s[-1]
-        assert tally.eos_count == tally.count - tally.failed
-    failed = sum(t.failed for t in result.devices)
-    assert failed == (len(producer.sent) - 3) // fail_every if fail_every else failed == 0
+        assert tally.eos_count == tally.count and tally.failed == 0
     assert not result.interrupted and result.stream_s == 2.0
+
+
+def test_a_failed_send_stops_the_producer_with_one_line():
+    """The 97th send fails: the producer stops at once (a stream with a hole is no stream),
+    naming the topic; no end-of-stream marker is written."""
+    from streamsim.datasets import load_dataset
+    from streamsim.produce import SendFailed, _run_streams
+
+    data = load_dataset("synthetic", num_samples=300, shape=(1, 4, 4))
+    streams = build_streams(data, "iid", 3, "500 20 3000", seed=2)
+    producer = _FakeProducer(fail_every=97)
+    with pytest.raises(SendFailed, match=r"topic x-\d: RuntimeError: broker said no"):
+        _run_streams(producer, streams, data, 2.0, "virtual",
+                     {s.device: f"x-{s.device}" for s in streams},
+                     record.VIRTUAL_EPOCH_S, True, lambda: False, None)
+    assert not any(isinstance(record.decode(v, ts), record.EndOfStream)
+                   for _, v, ts in producer.sent)
 
 
 def test_a_stop_ends_the_virtual_stream_between_chunks():

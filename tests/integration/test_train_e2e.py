@@ -65,31 +65,51 @@ def env():
     return clean_env()
 
 
+# The reference run: 3 ranks at 10/20/40 samples/s, local batches capped at 32, so the fast
+# stream builds a persistence backlog (8 more samples every step).
+# Warmup over 300 samples: the first four or so of the ten steps warm up, the rest do not.
+REFERENCE = [*VIRTUAL, "--world-size", "3", "--rates", "10,20,40", "--max-steps", "10",
+             "--max-train-bsz", "32", "--warmup-epochs", "0.005"]
+MAX_TRAIN_BSZ = 32
+
+
 @pytest.fixture(scope="module")
 def reference_run(broker, tmp_path_factory):
-    """scadles, 3 gloo ranks at 10/20/40 samples/s, virtual time, through the real broker."""
+    """scadles, 3 gloo ranks at 10/20/40 samples/s, virtual time, through the real broker;
+    the final model is checkpointed (step 10)."""
     log_dir = tmp_path_factory.mktemp("reference")
     env = clean_env()
-    launch([*VIRTUAL, "--world-size", "3", "--rates", "10,20,40", "--max-steps", "10",
-            "--bootstrap", broker, "--log-dir", str(log_dir)], env)
+    launch([*REFERENCE, "--bootstrap", broker, "--log-dir", str(log_dir),
+            "--checkpoint-every", "10"], env)
     return log_dir
 
 
 def test_scadles_virtual_batches_follow_rates(reference_run):
+    from scadles.aggregate import step_lr
+
     rows = train_rows(reference_run, 3)
     rates = [10, 20, 40]
     assert [len(r) for r in rows] == [10, 10, 10]
+    cfg = json.loads((reference_run / "run.json").read_text())["config"]
+    warmup_samples = round(cfg["warmup_epochs"] * 60_000)  # Fashion-MNIST's training split
+    samples_before = 0
     for step_rows in zip(*rows):
         local = [r["local_bsz"] for r in step_rows]
         global_bsz = step_rows[0]["global_bsz"]
         assert all(r["global_bsz"] == global_bsz for r in step_rows)
         assert sum(local) == global_bsz
-        # One window of stream: local batch ~ rate x 1 s (the first window includes t=0).
+        # One window of stream: local batch ~ rate x 1 s (the first window includes t=0),
+        # at most --max-train-bsz.
         for b, rate in zip(local, rates):
-            assert abs(b - rate * 1.0) <= 2, local
-        assert step_rows[0]["lr"] == pytest.approx(0.1 * global_bsz / (64 * 3))
+            assert abs(b - min(rate * 1.0, MAX_TRAIN_BSZ)) <= 2, local
+        assert step_rows[0]["lr"] == pytest.approx(
+            step_lr(0.1, global_bsz, 64 * 3, samples_before, scale=True,
+                    warmup_samples=warmup_samples, max_lr=cfg["max_lr"]))
+        samples_before += global_bsz
         assert len({r["lr"] for r in step_rows}) == 1
         assert len({r["clock_s"] for r in step_rows}) == 1  # one group clock
+    backlog = [r["buffer_len"] for r in rows[2]]
+    assert backlog == sorted(backlog) and backlog[-1] >= 70  # persistence keeps the rest
     evals = [read_rows(reference_run, r, "eval") for r in range(3)]
     assert [e["step"] for e in evals[0]] == [5, 10]
     assert evals[0] == evals[1] == evals[2]  # sharded, summed: the same on every rank
@@ -102,14 +122,17 @@ def test_scadles_virtual_batches_follow_rates(reference_run):
 def test_resume_after_a_killed_rank(reference_run, broker, env, tmp_path):
     """Kill rank 2 at step 8 (checkpoint at step 6), resume: every sample trained exactly
     once, and all 10 steps (6 from the killed run, 4 resumed) are bit-identical to the
-    reference run: virtual runs with a modelled compute time are deterministic per seed."""
-    args = [*VIRTUAL, "--world-size", "3", "--rates", "10,20,40", "--max-steps", "10",
-            "--bootstrap", broker, "--log-dir", str(tmp_path), "--checkpoint-every", "3"]
+    reference run: virtual runs with a modelled compute time are deterministic per seed. The
+    fast stream has a persistence backlog, and the resumed run's summary (per-device table,
+    mean b_i, CNC line) counts the whole run: it equals the uninterrupted run's."""
+    args = [*REFERENCE, "--bootstrap", broker, "--log-dir", str(tmp_path),
+            "--checkpoint-every", "3"]
     failed = launch(args + ["--fail-at-step", "8"], env, check=False)
     assert failed.returncode != 0
-    assert "failed" in failed.stdout
+    assert "rank 2 failed (exited with status 17): failing at step 8" in failed.stdout
+    assert "Traceback" not in failed.stdout + failed.stderr
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000006"
-    launch(args + ["--resume"], env)
+    resumed = launch(args + ["--resume"], env)
     for rank, (rows, ref) in enumerate(zip(train_rows(tmp_path, 3),
                                           train_rows(reference_run, 3))):
         assert [r["step"] for r in rows] == list(range(1, 11))
@@ -117,12 +140,81 @@ def test_resume_after_a_killed_rank(reference_run, broker, env, tmp_path):
         assert seqs == list(range(len(seqs))), f"rank {rank}: a sample lost or repeated"
         assert comparable(rows) == comparable(ref)
         assert [r["kind"] for r in read_rows(tmp_path, rank)].count("resume") == 1
+    assert train_rows(tmp_path, 3)[2][5]["buffer_len"] > 0  # a backlog at the checkpoint
+    whole = json.loads((reference_run / "run.json").read_text())["summary"]
+    summary = json.loads((tmp_path / "run.json").read_text())["summary"]
+    assert summary["devices"] == whole["devices"]
+    assert summary["devices"][2]["samples_trained"] == 10 * MAX_TRAIN_BSZ
+    for key in ("steps", "samples", "bytes_sent_total", "compressed_steps", "dense_steps",
+                "cnc_ratio", "final_top1", "stop_reason"):
+        assert summary[key] == whole[key], key
+    assert "device  rate/s  trained  mean b_i" in resumed.stdout
+    assert "CNC ratio 0.00 (0 compressed / 10 dense steps)" in resumed.stdout
+
+
+def test_the_training_loop_equals_a_single_process_reference(reference_run):
+    """The real loop (3 gloo ranks, uneven rates, scaled and warmed-up lr) ends with the
+    parameters of one process that trains the same model on each step's union batch (the
+    samples the rows name) at the same learning rate: weighted aggregation is the gradient
+    of the mean loss over the union, and every rank applies the same update."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from scadles.aggregate import step_lr
+    from scadles.config import Config
+    from scadles.models import build_model
+    from scadles.train import device_streams
+    from streamsim.datasets import load_dataset
+
+    run = json.loads((reference_run / "run.json").read_text())
+    cfg = Config(**run["config"])
+    data = load_dataset(cfg.dataset, "train", cfg.data_dir, False, cfg.image_size, cfg.seed)
+    index_of = []
+    for stream in device_streams(cfg, data):
+        seqs, _, indices = stream.plan(cfg.duration_s)
+        index_of.append(dict(zip(seqs.tolist(), indices.tolist())))
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    channels, height, _ = data.sample_shape
+    model = build_model(cfg.model_name, data.num_classes, channels, height, seed=cfg.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    rows = train_rows(reference_run, 3)
+    samples_before = 0
+    for step_rows in zip(*rows):
+        step, global_bsz = step_rows[0]["step"], step_rows[0]["global_bsz"]
+        idx = np.array([index_of[rank][s] for rank, r in enumerate(step_rows)
+                        for s in expand_ranges(r["seqs"])])
+        assert len(idx) == global_bsz
+        lr = step_lr(cfg.lr, global_bsz, cfg.global_bsz, samples_before, scale=True,
+                     warmup_samples=round(cfg.warmup_epochs * len(data)), max_lr=cfg.max_lr)
+        samples_before += global_bsz
+        assert all(r["lr"] == pytest.approx(lr, rel=1e-12) for r in step_rows)
+        x = (torch.from_numpy(data.batch_pixels(idx)).float().div_(255) - mean) / std
+        y = torch.from_numpy(data.labels[idx])
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    shared = torch.load(reference_run / "checkpoints" / "step-00000010" / "shared.pt",
+                        map_location="cpu", weights_only=False)
+    assert shared["step"] == 10
+    trained = shared["model"]
+    for name, param in model.state_dict().items():
+        torch.testing.assert_close(trained[name], param, rtol=1e-4, atol=1e-5, msg=name)
+    # It is no tautology: one step's update moves the parameters by far more than that.
+    first = build_model(cfg.model_name, data.num_classes, channels, height, seed=cfg.seed)
+    moved = max((trained[n] - p).abs().max().item() for n, p in first.state_dict().items())
+    assert moved > 1e-2
 
 
 @pytest.mark.parametrize("mode", ["scadles", "ddp"])
 def test_wall_clock_through_the_broker(mode, broker, env, tmp_path):
     """Real time, real streams: scadles with the launcher's own embedded broker, ddp on the
-    shared one. ddp trains a fixed batch on every rank with the base learning rate."""
+    shared one. ddp trains a fixed batch on every rank with the base learning rate (warmed
+    up over the default 0.1 epoch of samples, as in every mode)."""
     args = ["--mode", mode, "--world-size", "2", "--rates", "40,80", "--clock", "wall",
             "--max-steps", "4", "--eval-steps", "0", "--eval-samples", "200",
             "--train-bsz", "16", "--log-dir", str(tmp_path)]
@@ -136,7 +228,9 @@ def test_wall_clock_through_the_broker(mode, broker, env, tmp_path):
     for a, b in zip(*rows):
         assert a["global_bsz"] == b["global_bsz"] == a["local_bsz"] + b["local_bsz"]
         if mode == "ddp":
-            assert a["local_bsz"] == b["local_bsz"] == 16 and a["lr"] == 0.1
+            assert a["local_bsz"] == b["local_bsz"] == 16
+            # 32 samples a step, warmed up over 0.1 x 60,000: step s trains at s x 32 / 6,000
+            assert a["lr"] == b["lr"] == pytest.approx(0.1 * a["step"] * 32 / 6000)
     clock = [r["clock_s"] for r in rows[0]]
     assert clock == sorted(clock) and clock[0] > 0
     assert "run summary" in proc.stdout

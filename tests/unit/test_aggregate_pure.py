@@ -1,6 +1,8 @@
 """Pure logic of aggregation: LR scaling, the group-wide LR schedule, flat buffers, buckets."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -89,29 +91,107 @@ def test_aggregation_weight():
         aggregation_weight(65, 64)
 
 
-def test_lr_schedule_is_identical_on_all_ranks_with_unequal_batches():
-    """Three ranks whose streams give different batch sizes every step agree on the LR at
-    every step, and the decay comes when the group (not any one rank) has seen 2 epochs."""
+class ThreadGroup:
+    """A simulated group of ranks, one thread each: a sum-allreduce returns the sum of what
+    every rank contributed to that call (a barrier per call), like a real group."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self._barrier = threading.Barrier(world_size)
+        self._lock = threading.Lock()
+        self._sum: torch.Tensor | None = None
+
+    def comm(self, rank: int) -> "ThreadGroup._Rank":
+        return ThreadGroup._Rank(self, rank)
+
+    class _Rank:
+        def __init__(self, group, rank):
+            self.group, self.rank, self.device = group, rank, group.device
+
+        def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+            assert op == "sum"
+            g = self.group
+            if g._barrier.wait() == 0:
+                g._sum = torch.zeros_like(tensor)
+            g._barrier.wait()
+            with g._lock:
+                g._sum += tensor
+            g._barrier.wait()
+            tensor.copy_(g._sum)
+            g._barrier.wait()
+            return tensor
+
+
+def run_ranks(local_batches: list[list[int]], lr_of_step) -> list[list[float]]:
+    """Each rank in its own thread: per step, the group's B from its own local batch (one
+    allreduce), then ``lr_of_step(rank state, B, local, step)``; the lrs per rank."""
+    world_size = len(local_batches[0])
+    group = ThreadGroup(world_size)
+    lrs: list[list[float]] = [[] for _ in range(world_size)]
+
+    def rank_main(rank: int) -> None:
+        comm, state = group.comm(rank), {"samples_global": 0, "samples_local": 0}
+        for step, local in enumerate(local_batches, start=1):
+            bsz = global_batch(comm, local[rank])
+            lrs[rank].append(lr_of_step(state, bsz, local[rank], step))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return lrs
+
+
+EPOCH, BASE_LR, REF_BSZ, WARMUP = 600, 0.4, 3 * 16, 150
+
+
+def loop_lr(state: dict, global_bsz: int, local_bsz: int, step: int) -> float:
+    """What train.py does per step: scaled, capped, warmed-up lr times the group's
+    MultiStep factor; warmup and decay count the group's samples."""
+    factor = multistep_factor(state["samples_global"], EPOCH, [2], gamma=0.1)
+    lr = step_lr(BASE_LR, global_bsz, REF_BSZ, state["samples_global"], scale=True,
+                 warmup_samples=WARMUP, max_lr=0.9) * factor
+    state["samples_global"] += global_bsz
+    return lr
+
+
+def test_lr_schedule_is_the_groups_on_every_rank_with_unequal_batches():
+    """Three ranks whose streams give different batch sizes every step compute their lr from
+    their own local batch through a real sum (threads, a barrier per allreduce): at every
+    step all three equal the lr of the union batch, computed here from the batches
+    directly, and the decay comes when the group (not any one rank) has seen 2 epochs.
+    A loop that counted a rank's own samples for the schedule fails this test (checked)."""
     gen = torch.Generator().manual_seed(0)
     rates = [10, 20, 40]
-    epoch_samples, base_lr, ref_bsz = 600, 0.4, 3 * 16
-    seen_global = [0, 0, 0]
-    decay_step = None
-    for step in range(60):
-        local = [int(r + torch.randint(-5, 6, (1,), generator=gen)) for r in rates]
-        lrs = []
-        for rank in range(3):
-            others = local[:rank] + local[rank + 1:]
-            bsz = global_batch(FakeGroup(others), local[rank])
-            assert bsz == sum(local)
-            factor = multistep_factor(seen_global[rank], epoch_samples, [2], gamma=0.1)
-            lrs.append(scaled_lr(base_lr, bsz, ref_bsz) * factor)
-            seen_global[rank] += bsz
-        assert lrs[0] == lrs[1] == lrs[2]
-        if decay_step is None and multistep_factor(seen_global[0], epoch_samples, [2], 0.1) < 1:
+    batches = [[int(r + torch.randint(-5, 6, (1,), generator=gen)) for r in rates]
+               for _ in range(40)]
+    expected, seen, decay_step = [], 0, None
+    for step, local in enumerate(batches, start=1):
+        union = sum(local)
+        if seen >= 2 * EPOCH and decay_step is None:
             decay_step = step
-    assert len(set(seen_global)) == 1
-    assert decay_step is not None and seen_global[0] >= 2 * epoch_samples
+        lr = min(BASE_LR * union / REF_BSZ, 0.9) * min(1.0, (seen + union) / WARMUP)
+        expected.append(lr * (0.1 if decay_step else 1.0))
+        seen += union
+    assert decay_step is not None and 10 < decay_step < 40  # 2 epochs reached mid-run
+
+    lrs = run_ranks(batches, loop_lr)
+    for rank_lrs in lrs:
+        assert rank_lrs == pytest.approx(expected, rel=1e-12)
+
+    def own_samples_lr(state, global_bsz, local_bsz, step):  # the bug this test guards
+        factor = multistep_factor(state["samples_local"] * 3, EPOCH, [2], gamma=0.1)
+        lr = step_lr(BASE_LR, global_bsz, REF_BSZ, state["samples_local"] * 3, scale=True,
+                     warmup_samples=WARMUP, max_lr=0.9) * factor
+        state["samples_local"] += local_bsz
+        return lr
+
+    wrong = run_ranks(batches, own_samples_lr)
+    assert wrong[0] != pytest.approx(expected, rel=1e-12)
+    assert wrong[0] != wrong[2]  # the ranks would decay at different steps
 
 
 def _params_with_grads() -> list[torch.nn.Parameter]:
@@ -178,8 +258,11 @@ def test_dense_exchanger_applies_weight_and_reports_stats():
     assert exchanger.summary() == {"steps": 2, "compressed_steps": 0, "dense_steps": 2,
                                    "cnc_ratio": 0.0, "switches": 0, "compress_s_total": 0.0,
                                    "bytes_sent_total": 240, "floats_sent_total": 60}
-    assert exchanger.state_dict() == {}
-    exchanger.load_state_dict({})
+    resumed = DenseExchanger(FakeGroup())
+    resumed.load_state_dict(exchanger.state_dict())  # a resumed run counts the whole run
+    assert resumed.summary() == exchanger.summary()
+    resumed.load_state_dict({})  # a checkpoint without counters starts from zero
+    assert resumed.summary()["steps"] == 0
 
 
 def test_grad_buckets_are_reused_and_fill_missing_grads():

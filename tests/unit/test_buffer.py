@@ -14,7 +14,7 @@ from scadles.buffer import (Batch, InProcessSource, RawRecord, RecordDecoder, St
                             StreamStalled)
 from scadles.clock import VirtualClock, WallClock
 from streamsim.datasets import ArrayDataset
-from streamsim.record import VIRTUAL_EPOCH_S, EndOfStream, encode, encode_eos
+from streamsim.record import VIRTUAL_EPOCH_S, EndOfStream, Sample, encode, encode_eos
 from streamsim.schedule import RateSchedule
 from streamsim.stream import DeviceStream
 
@@ -299,3 +299,154 @@ def test_bad_batch_sizes_raise(dataset):
     with pytest.raises(ValueError, match="capacity"):
         buf.next_fixed_batch(VirtualClock(), 11)
     assert isinstance(buf.next_fixed_batch(VirtualClock(), 10), Batch)
+
+
+def _raw_samples(seqs, first_offset=0, spacing_s=0.01, eos=True):
+    """Raw records of device 0 with the given sequence numbers (event time by seq), then an
+    end-of-stream marker."""
+    px = np.full(SHAPE, 3, np.uint8)
+    raw = [RawRecord(first_offset + i, encode(0, s, s % 10, px), int((T0 + s * spacing_s) * 1000))
+           for i, s in enumerate(seqs)]
+    if eos:
+        last = first_offset + len(raw)
+        raw.append(RawRecord(last, encode_eos(0, max(seqs) + 1),
+                             int((T0 + (max(seqs) + 1) * spacing_s) * 1000)))
+    return raw
+
+
+def test_duplicates_are_dropped_counted_and_still_known_after_a_resume():
+    """A producer retry wrote seqs 5..9 twice: each sample is batched once, the copies are
+    counted as duplicates (in the batch and the stats), and a buffer resumed from the
+    committed offset with the checkpointed state counts the whole run once and still drops
+    the copies of samples trained before the checkpoint."""
+    seqs = list(range(10)) + list(range(5, 10)) + list(range(10, 15))
+    raw = _raw_samples(seqs)
+    first = StreamBuffer(ListSource(raw), capacity=100)
+    clock = VirtualClock()
+    b = first.next_fixed_batch(clock, 8)  # the fake topic hands over everything at once
+    assert b.seqs.tolist() == list(range(8)) and b.duplicates == 5
+    offset = first.commit_used()
+    state = first.state_dict()
+    assert offset == 8 and state["next_seq"] == 8
+    assert state["counters"]["duplicates"] == 0  # the copies lie beyond the committed offset
+    rest = first.next_fixed_batch(clock, 7)
+    assert rest.seqs.tolist() == list(range(8, 15)) and rest.duplicates == 0
+    first.commit_used()
+    assert first.stats()["duplicates"] == first.state_dict()["counters"]["duplicates"] == 5
+
+    resumed = StreamBuffer(ListSource(raw[offset:]), capacity=100)
+    resumed.load_state_dict(state)
+    again = resumed.next_fixed_batch(VirtualClock(), 7)
+    assert again.seqs.tolist() == list(range(8, 15))
+    assert resumed.stats()["duplicates"] == 5 and resumed.stats()["trained"] == 15
+    # Copies of samples trained before the checkpoint (seqs 5..7) are duplicates too.
+    early = StreamBuffer(ListSource(_raw_samples([8, 5, 6, 7, 9], first_offset=8)))
+    early.load_state_dict(state)
+    assert early.next_fixed_batch(VirtualClock(), 2).seqs.tolist() == [8, 9]
+    assert early.stats()["duplicates"] == 3
+
+
+def test_resumed_stats_count_the_whole_run(dataset):
+    """A checkpointed state carries trained, dropped and peak counts into the resumed run."""
+    buf, clock = make_buffer(dataset, rate=8, capacity=6), VirtualClock()
+    buf.next_window_batch(clock, min_bsz=1, max_bsz=4, last_step_s=clock.now())
+    offset = buf.commit_used()
+    state = buf.state_dict()
+    assert state["counters"]["trained"] == 4 and state["counters"]["dropped"] == 3
+    resumed = make_buffer(dataset, rate=8, capacity=6, start=offset)
+    resumed.load_state_dict(state)
+    clock2 = VirtualClock()
+    clock2.advance_to(clock.now())
+    resumed.next_window_batch(clock2, min_bsz=1, max_bsz=4, last_step_s=clock.now())
+    stats = resumed.stats()
+    assert stats["trained"] == 8 and stats["peak_buffer_len"] == 6
+    assert stats["dropped"] == 3 + resumed.dropped
+    with pytest.raises(ValueError, match="version"):
+        resumed.load_state_dict({"version": 0})
+
+
+class LingeringSource:
+    """A realtime topic behind a lingering producer: records of device 0 at ``rate_per_s``
+    from ``start_s`` (wall clock), each released at the first multiple of ``linger_s``
+    after its event time (as a producer batching for ``linger_s`` delivers them)."""
+
+    topic = "lingering"
+    sample_shape = SHAPE
+
+    def __init__(self, rate_per_s, count, linger_s, start_s):
+        self.times = start_s + np.arange(count) / rate_per_s
+        self.release = start_s + (np.floor((self.times - start_s) / linger_s) + 1) * linger_s
+        self.count, self.pos, self.malformed = count, 0, {}
+        self.px = np.zeros(SHAPE, np.uint8)
+
+    def poll(self, timeout_s):
+        deadline = time.time() + timeout_s
+        while True:
+            now = time.time()
+            n = int(np.searchsorted(self.release, now, side="right"))
+            if n > self.pos:
+                out = [(k, Sample(0, k, k % 10, self.px, float(self.times[k])))
+                       for k in range(self.pos, n)]
+                self.pos = n
+                return out
+            if self.pos == self.count and now >= self.release[-1]:
+                self.pos += 1
+                return [(self.count, EndOfStream(0, self.count, float(self.release[-1])))]
+            if now >= deadline:
+                return []
+            time.sleep(min(0.01, max(0.0, deadline - now)))
+
+    def position(self):
+        return self.pos
+
+    def commit(self, offset):
+        pass
+
+    def committed(self):
+        return None
+
+    def close(self):
+        pass
+
+
+def test_wall_clock_truncation_keeps_records_that_arrive_late_in_the_linger():
+    """Records reach the consumer up to 150 ms after their event time (a lingering
+    producer), so each window's tail arrives after its batch was taken. Those were never
+    offered: truncation keeps them for the next batch. With room for everything, nothing on
+    time is truncated and every record is trained once."""
+    start = time.time() + 0.05
+    source = LingeringSource(rate_per_s=100, count=120, linger_s=0.15, start_s=start)
+    buf = StreamBuffer(source, policy="truncation", window_s=0.25, poll_timeout_s=0.02)
+    clock, seqs, last = WallClock(), [], start - 0.01  # the first window holds t = 0
+    while True:
+        b = buf.next_window_batch(clock, 0, 1000, last_step_s=last)
+        last = clock.now()
+        seqs += b.seqs.tolist()
+        if b.ended:
+            break
+    assert buf.stats()["truncated"] == 0
+    assert sorted(seqs) == list(range(120)) and len(seqs) == 120
+
+
+def test_truncation_still_discards_what_arrived_while_the_device_was_busy():
+    """The late-arrival rule keeps only the last batch's window: records of a window that
+    passed while the device computed are truncated, on the wall clock as before."""
+    start = time.time() - 2.0  # two seconds of stream are already there
+    source = LingeringSource(rate_per_s=100, count=400, linger_s=0.05, start_s=start)
+    buf = StreamBuffer(source, policy="truncation", window_s=0.5, poll_timeout_s=0.02)
+    clock = WallClock()
+    b = buf.next_window_batch(clock, 0, 1000, last_step_s=clock.now() - 0.5)
+    assert b.truncated >= 140 and len(b) >= 45  # only the last 0.5 s (~50 records) kept
+    assert (b.event_times_s > clock.now() - 0.5 - 0.05).all()
+
+
+def test_a_stop_request_ends_the_wait_with_an_empty_batch(dataset):
+    """SIGINT while waiting for a slow stream: the wait ends at once with nothing taken."""
+    flag = {"stop": False}
+    buf = StreamBuffer(ListSource([]), poll_timeout_s=0.02,
+                       stop_requested=lambda: flag["stop"])
+    flag["stop"] = True
+    started = time.monotonic()
+    b = buf.next_window_batch(VirtualClock(), 8, 8, last_step_s=T0)
+    assert len(b) == 0 and not b.ended and time.monotonic() - started < 1.0
+    assert len(buf.next_fixed_batch(VirtualClock(), 4)) == 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,26 @@ def test_run_summary_shows_the_compression_hint_only_when_there_is_one():
                                                                  " compressed: raise it"))
     assert "note           adaptive compression never compressed: raise it" in text.splitlines()
     assert "note" not in metrics.format_summary(summary)
+
+
+def test_capture_output_sends_the_rank_to_its_log_and_keeps_the_terminal(tmp_path):
+    """What Python, C code and a traceback write goes to rank-R.log; rank 0's display (the
+    Tee) reaches the original stdout too, a redrawn progress line as a line of its own."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from scadles import metrics\n"
+            f"terminal = metrics.capture_output({str(tmp_path)!r}, 3)\n"
+            "print('python stdout'); print('python stderr', file=sys.stderr)\n"
+            "os.write(2, b'c-level stderr\\n')\n"
+            "tee = metrics.Tee(terminal, sys.stdout)\n"
+            "tee.write('\\rstep 1   '); tee.write('summary\\n'); tee.flush()\n"
+            "raise RuntimeError('boom')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 1
+    assert proc.stdout == b"\rstep 1   summary\n" and proc.stderr == b""
+    log = (tmp_path / "rank-3.log").read_text()
+    for text in ("python stdout", "python stderr", "c-level stderr", "step 1\nsummary\n",
+                 "RuntimeError: boom"):
+        assert text in log

@@ -384,6 +384,28 @@ def test_gradnorm_change_signal_compares_interval_means():
                                                     True, True]
 
 
+def test_gradnorm_change_reads_the_local_gradient_not_its_weight():
+    """The same local gradient every step while only b_i / B changes (stream rates moving):
+    the signal stays 0, so the rank votes to compress once two intervals are complete. Read
+    from the weighted gradient (w x g + residual) it would see a 4x change: critical."""
+    gen = torch.Generator().manual_seed(5)
+    local = [torch.randn(50, generator=gen), torch.randn(7, generator=gen)]
+    params = named((50,), (7,))
+    ex = make_exchanger(OneRankComm(), compression="adaptive", compression_ratio=0.1,
+                        adaptive_signal="gradnorm-change", gradnorm_threshold=0.5,
+                        gradnorm_interval_steps=2)
+    weights = [0.8, 0.8, 0.2, 0.2, 0.2, 0.2, 0.8, 0.8]
+    signals, compressed = [], []
+    for step, weight in enumerate(weights):
+        for (_, p), g in zip(params, local):
+            p.grad = g.clone()
+        stats = ex.exchange(params, weight, step)
+        signals.append(stats["signal"])
+        compressed.append(stats["compressed"])
+    assert signals == [None, None, None, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert compressed == [False, False, False, True, True, True, True, True]
+
+
 def test_exchanger_reports_the_paper_signal_on_a_known_tensor():
     p = torch.nn.Parameter(torch.zeros(4))
     p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])

@@ -45,11 +45,39 @@ BAD = {
 }
 
 
+# Environment inputs: (variables, argv, what the one line names).
+BAD_ENV = {
+    "bootstrap without a port": ({"KAFKA_BOOTSTRAP": "localhost"}, [], "KAFKA_BOOTSTRAP"),
+    "bootstrap port not a number": ({}, ["--bootstrap", "kafka:nine"], "HOST:PORT"),
+    "one bad address of a list": ({"KAFKA_BOOTSTRAP": "a:9092,b"}, [], "HOST:PORT"),
+    "master address with a port": ({"MASTER_ADDR": "10.0.0.1:29500"}, [], "MASTER_ADDR"),
+    "master port out of range": ({"MASTER_PORT": "70000"}, [], "MASTER_PORT"),
+    "NNODES not a number": ({"NNODES": "two"}, [], "NNODES"),
+    "no broker binary": ({"TANSU_BIN": "/nonexistent/tansu"}, [], "TANSU_BIN"),
+    "data folder missing": ({"SCADLES_DATA_DIR": "/nonexistent/data"}, [], "SCADLES_DATA_DIR"),
+    "MPIEXEC not found": ({"MPIEXEC": "/nonexistent/mpiexec"}, ["--backend", "mpi"],
+                          "MPIEXEC"),
+}
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     for name in ("KAFKA_BOOTSTRAP", "HOSTS", "NNODES", "NODE_RANK", "MASTER_ADDR",
-                 "MASTER_PORT", "MPIEXEC"):
+                 "MASTER_PORT", "MPIEXEC", "TANSU_BIN", "SCADLES_DATA_DIR"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("name", list(BAD_ENV))
+def test_bad_environment_exits_2_with_one_line(name, monkeypatch, capsys):
+    variables, argv, mentions = BAD_ENV[name]
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: "), lines
+    assert mentions in lines[0]
 
 
 @pytest.mark.parametrize("name", list(BAD))
@@ -207,3 +235,13 @@ def test_common_sh_trims_and_cycles_rate_lists(tmp_path):
                                          "LOG_DIR": "/tmp/somewhere"})
     assert "--rates 5,6" in given.stdout and "using" not in given.stderr
     assert "--log-dir /tmp/somewhere" in given.stdout
+
+
+def test_common_sh_rejects_a_boolean_that_is_not_0_or_1(tmp_path):
+    body = '\n'.join(['model="${MODEL:-resnet152}"', 'world_size=2', 'rates="S10"'])
+    bad = _run_common(tmp_path, body, {"RESUME": "yes"})
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == ["config error: RESUME=yes: set it to 1 or 0 "
+                                               "(or unset it)"]
+    good = _run_common(tmp_path, body, {"RESUME": "1", "LOG_DIR": str(tmp_path / "run")})
+    assert "--resume" in good.stdout, good.stderr
