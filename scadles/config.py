@@ -39,6 +39,7 @@ COMPRESSIONS = ("none", "static", "adaptive")
 ADAPTIVE_SIGNALS = ("paper", "orig", "gradnorm-change")
 INJECT_FROM = ("devices", "pool")
 INJECT_WEIGHTS = ("all", "local")
+RANK_STARTS = ("auto", "fork", "spawn")
 REF_BSZ_PER_DEVICE = 64  # the paper's per-device batch: --global-bsz defaults to 64 x W
 MEASURED_STEP_GUESS_S = 10.0  # virtual clock, measured compute: a CPU step may take this long
 
@@ -160,6 +161,10 @@ class Config:
                                    env="MASTER_ADDR")
     master_port: int | None = _opt(None, "rendezvous port (default: a free one)",
                                    env="MASTER_PORT")
+    rank_start: str = _opt("auto", "how a node's gloo/nccl ranks start: fork (from one "
+                                   "process that imported torch and loaded the data once; "
+                                   "CPU only), spawn (an interpreter each), auto (fork for "
+                                   "gloo, spawn for nccl)")
     # -- internal: set by the launcher, or test hooks -----------------------------------------
     stream_start_s: float | None = _opt(None, "event time of stream second 0", hidden=True)
     run_id: str | None = _opt(None, "run identifier", hidden=True)
@@ -337,6 +342,10 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
     _one_of("--adaptive-signal", cfg.adaptive_signal, ADAPTIVE_SIGNALS)
     _one_of("--inject-from", cfg.inject_from, INJECT_FROM)
     _one_of("--inject-weight", cfg.inject_weight, INJECT_WEIGHTS)
+    _one_of("--rank-start", cfg.rank_start, RANK_STARTS)
+    if cfg.rank_start == "fork" and cfg.backend == "nccl":
+        raise ConfigError("--rank-start fork cannot start nccl ranks (a CUDA context does not "
+                          "survive a fork): use --rank-start spawn or auto")
 
     from streamsim.datasets import DATASETS
 

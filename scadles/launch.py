@@ -48,6 +48,7 @@ from streamsim.record import VIRTUAL_EPOCH_S
 STOP_GRACE_S = 10.0
 INTERRUPT_GRACE_S = 120.0  # Ctrl-C: how long the ranks may take to finish their step
 LOG_TAIL_LINES = 5
+RANK_HOST = "rankhost"  # the process that forks a node's gloo ranks (scadles.rankhost)
 FAILED_LINE = re.compile(r"^rank \d+ FAILED: (.*)$")  # what scadles.train prints on failure
 LOOPBACK_IFACE = "lo"
 # MPICH's network modules (UCX, the default of the venv's MPICH, and libfabric): loopback
@@ -288,9 +289,18 @@ class Launcher:
             base.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
             base.pop("SCADLES_RENDEZVOUS_FILE", None)
             where = f"rendezvous {master_addr}:{master_port}"
-        for local_rank, rank in enumerate(ranks):
-            self._spawn(f"rank {rank}", train,
-                        dict(base, RANK=str(rank), LOCAL_RANK=str(local_rank)))
+        if cfg.rank_start == "fork" or (cfg.rank_start == "auto" and cfg.backend == "gloo"):
+            # One process imports torch and loads the data, then forks every rank
+            # (scadles.rankhost); its own notes go to rankhost.log.
+            host = [sys.executable, "-m", "scadles.rankhost", "--ranks",
+                    f"{ranks.start}:{ranks.stop}", "--"] + train[3:]
+            with open(self.log_dir / "rankhost.log", "ab") as err:
+                self._spawn(RANK_HOST, host, base, stderr=err)
+            where += ", forked from one process"
+        else:
+            for local_rank, rank in enumerate(ranks):
+                self._spawn(f"rank {rank}", train,
+                            dict(base, RANK=str(rank), LOCAL_RANK=str(local_rank)))
         say(f"started ranks {ranks.start}..{ranks.stop - 1} of {cfg.world_size} "
             f"({cfg.backend}, {where}); their output is in {self.log_dir}/rank-*.log")
 
@@ -371,7 +381,7 @@ class Launcher:
             self._report_broker_lost(lost)
             return status
         logs = [self._log_of(n) for n, _, _ in failed]
-        if name == "mpiexec":  # which rank: the one whose failure line came first
+        if name in ("mpiexec", RANK_HOST):  # which rank: the one whose failure came first
             logs = sorted(self.log_dir.glob("rank-*.log"))
         culprit, cause = _first_failure(logs)
         if culprit is None:

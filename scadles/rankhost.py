@@ -44,12 +44,12 @@ def run_rank(rank: int, local_rank: int, train_argv: list[str]) -> None:
     os.environ["RANK"] = str(rank)
     os.environ["LOCAL_RANK"] = str(local_rank)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # train installs its own
     code = 1
     try:
         from scadles import train
 
-        code = train.main(train_argv, exit_fast=True)
+        code = train.main(train_argv, exit_fast=True)  # exits itself
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001  (the child must exit with a status, never return)
@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv[:split])
     train_argv = argv[split + 1:]
     first, stop = (int(v) for v in args.ranks.split(":"))
+    # The launcher forwards Ctrl-C to the whole group: the ranks stop after an agreed step,
+    # and the host waits for them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     warm_up(train_argv)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -274,3 +274,19 @@ def test_two_nodes_on_loopback_form_one_group(broker, env, tmp_path):
         assert abs(local[3] - 40) <= 2 and abs(local[0] - 10) <= 2
     assert (tmp_path / "node0" / "run.json").exists()
     assert not (tmp_path / "node1" / "run.json").exists()  # node 0 owns the run
+
+
+def test_forked_ranks_train_exactly_as_spawned_ones(tmp_path):
+    """--rank-start fork (the gloo default: one warm process forks the ranks) gives the same
+    rows, bit for bit, as one interpreter per rank; the launcher says how it started them."""
+    env = clean_env()
+    args = [*VIRTUAL, "--world-size", "2", "--rates", "16,32", "--max-steps", "6",
+            "--source", "inprocess"]
+    rows = {}
+    for how in ("spawn", "fork"):
+        proc = launch([*args, "--rank-start", how, "--log-dir", str(tmp_path / how)], env)
+        assert ("forked from one process" in proc.stdout) == (how == "fork")
+        rows[how] = [comparable(r) for r in train_rows(tmp_path / how, 2)]
+        assert (tmp_path / how / "rank-1.log").is_file()
+    assert rows["fork"] == rows["spawn"] and len(rows["fork"][0]) == 6
+    assert (tmp_path / "fork" / "rankhost.log").is_file()
