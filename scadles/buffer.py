@@ -519,6 +519,12 @@ class StreamBuffer:
         # wall clock, truncation: (window start, time taken) of the last batch; records of
         # that window that arrive later were never offered and are kept
         self._offered: tuple[float, float] | None = None
+        # Truncation on a virtual clock discards as it admits: a sample older than the
+        # window that a batch could still take never enters the buffer, which then holds one
+        # window, not everything since the last batch. None: the window ends at the time
+        # admitted to; a number: the current batch's window starts there (while it waits for
+        # min_bsz); -inf: off (a fixed-batch caller keeps everything).
+        self._truncation_floor_s: float | None = None
         self._base: dict = {}  # counters of the run before a resume (load_state_dict)
         self._committed_state: dict = {"version": 1, "next_seq": 0,
                                        "counters": dict.fromkeys(self.COUNTERS, 0),
@@ -550,9 +556,12 @@ class StreamBuffer:
                 # The current window is (ready_s - window_s, ...]: samples arriving while we
                 # wait for min_bsz beyond ready_s belong to it too, so the wait always ends.
                 self._truncate(ready_s - self.window_s, clock.is_virtual)
+                self._truncation_floor_s = ready_s - self.window_s
             self._wait_for_count(clock, min_bsz)
         except _Interrupted:
             return self._take(clock, start, 0, newest=False)
+        finally:
+            self._truncation_floor_s = None
         if self.policy == "persistence":
             return self._take(clock, start, max_bsz, newest=False)
         batch = self._take(clock, start, max_bsz, newest=True)
@@ -566,6 +575,7 @@ class StreamBuffer:
         if not 1 <= bsz <= self.capacity:
             raise ValueError(f"bsz={bsz} must be in [1, capacity={self.capacity}]")
         start = self._begin(clock)
+        self._truncation_floor_s = -math.inf
         try:
             self._wait_until(clock, clock.now())
             self._wait_for_count(clock, bsz)
@@ -698,9 +708,21 @@ class StreamBuffer:
             buf.extend(pending)
             pending.clear()
         else:
+            floor_s = -math.inf
+            if self.policy == "truncation":
+                floor_s = self._truncation_floor_s
+                if floor_s is None:
+                    floor_s = t_s - self.window_s
+            while buf and buf[0][1].event_time_s <= floor_s:
+                buf.popleft()
+                self.truncated += 1
             while pending and pending[0][1].event_time_s <= t_s:
-                buf.append(pending.popleft())
+                item = pending.popleft()
                 n += 1
+                if item[1].event_time_s <= floor_s:
+                    self.truncated += 1
+                else:
+                    buf.append(item)
         self.admitted += n
         over = len(buf) - self.capacity
         if over > 0:

@@ -80,7 +80,9 @@ def test_truncation_keeps_only_the_window(dataset):
     # Ready at 3.5 s; the window (2.5, 3.5] holds the arrivals 2.625 ... 3.5 (seqs 21..28).
     assert clock.now() == T0 + 3.5 and b.wait_s == 0.5
     assert b.seqs.tolist() == list(range(21, 29)) and b.truncated == 21
-    assert b.buffer_peak == 29  # seqs 0..28 were held before the window cut them
+    # Nothing older than the window entered the buffer: it never held more than one
+    # window's arrivals (the 21 older ones were discarded as they were admitted).
+    assert b.buffer_peak == 8
     assert (b.event_times_s > T0 + 2.5).all()
     # Max batch: the newest 3 of the next window, the other 5 discarded.
     b = buf.next_window_batch(clock, min_bsz=0, max_bsz=3, last_step_s=clock.now())
@@ -88,12 +90,24 @@ def test_truncation_keeps_only_the_window(dataset):
     assert buf.stats()["truncated"] == 26
 
 
+def test_truncation_keeps_what_arrives_while_waiting_for_min_bsz(dataset):
+    # rate 2: the window (0, 1] holds 2 samples; b_min = 5 waits until t = 2.5, and what
+    # arrived meanwhile belongs to this window however far past its end.
+    buf, clock = make_buffer(dataset, rate=2, policy="truncation"), VirtualClock()
+    b = buf.next_window_batch(clock, min_bsz=5, max_bsz=64, last_step_s=T0)
+    assert clock.now() == T0 + 2.5 and b.seqs.tolist() == [1, 2, 3, 4, 5]
+    assert b.truncated == 1  # seq 0, at t = 0
+
+
 def test_capacity_drops_the_oldest_and_counts(dataset):
-    for policy in ("persistence", "truncation"):
+    # The 9 arrivals of [0, 1] s into 5 places: the oldest 4 go. Under truncation the one at
+    # t = 0 is outside the window (0, 1] and counts as truncated, so 3 are dropped.
+    for policy, dropped in (("persistence", 4), ("truncation", 3)):
         buf, clock = make_buffer(dataset, rate=8, policy=policy, capacity=5), VirtualClock()
         b = buf.next_window_batch(clock, min_bsz=0, max_bsz=100, last_step_s=T0)
-        assert b.seqs.tolist() == [4, 5, 6, 7, 8] and b.dropped == 4, policy
-        assert buf.stats()["dropped"] == 4 and buf.stats()["peak_buffer_len"] == 5
+        assert b.seqs.tolist() == [4, 5, 6, 7, 8] and b.dropped == dropped, policy
+        assert b.dropped + b.truncated == 4, policy
+        assert buf.stats()["dropped"] == dropped and buf.stats()["peak_buffer_len"] == 5
 
 
 def test_min_batch_waits_for_the_min_bsz_th_arrival(dataset):
