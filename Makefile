@@ -8,10 +8,13 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# The venv is rebuilt only when requirements.txt changes.
-$(STAMP): requirements.txt
+# The venv is brought up to date only when one of these files changes: the pinned runtime
+# and test requirements, then this package itself (editable, so edits need no reinstall).
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt \
+		-r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 # Real datasets: Fashion-MNIST from Debian's dataset-fashion-mnist package.

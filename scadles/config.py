@@ -27,6 +27,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streamsim.cli import DefaultsHelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 
 MODES = ("scadles", "ddp")
@@ -254,7 +256,8 @@ def fail(message: str):
 
 def build_parser(prog: str = "python -m scadles.launch") -> argparse.ArgumentParser:
     parser = _OneLineParser(prog=prog, description="ScaDLES: distributed training on "
-                                                   "streaming data (scadles or ddp mode).")
+                                                   "streaming data (scadles or ddp mode).",
+                            formatter_class=DefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         meta = f.metadata
         flag = meta["flag"] or "--" + f.name.replace("_", "-")

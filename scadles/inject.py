@@ -537,13 +537,16 @@ def fill_pool(bootstrap: str, dataset, topic: str, rate_per_s: float, duration_s
 
 def main(argv: list[str] | None = None) -> int:
     from streamsim import logsetup
+    from streamsim.cli import DefaultsHelpFormatter
 
     logsetup.configure("inject")
     parser = argparse.ArgumentParser(prog="python -m scadles.inject",
-                                     description="Randomized data injection tools.")
+                                     description="Randomized data injection tools.",
+                                     formatter_class=DefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     fill = commands.add_parser("fill-pool", help="stream an IID sample of a dataset onto the "
-                                                 "shared pool topic (--inject-from pool)")
+                                                 "shared pool topic (--inject-from pool)",
+                               formatter_class=DefaultsHelpFormatter)
     fill.add_argument("--bootstrap", required=True, help="HOST:PORT of the broker")
     fill.add_argument("--dataset", required=True)
     fill.add_argument("--data-dir", default=None)
@@ -552,8 +555,10 @@ def main(argv: list[str] | None = None) -> int:
     fill.add_argument("--rate", type=float, required=True, help="samples/s")
     fill.add_argument("--duration", type=float, required=True, help="stream seconds")
     fill.add_argument("--pace", choices=("realtime", "virtual"), required=True)
-    fill.add_argument("--seed", type=int, default=0)
-    fill.add_argument("--arrivals", choices=("even", "poisson"), default="even")
+    fill.add_argument("--seed", type=int, default=0,
+                      help="seed of the replay order (and of poisson arrivals)")
+    fill.add_argument("--arrivals", choices=("even", "poisson"), default="even",
+                      help="arrival times at --rate")
     fill.add_argument("--start-time", type=float, default=None,
                       help="event-time origin, epoch seconds (default: now for realtime, "
                            "VIRTUAL_EPOCH_S for virtual)")

@@ -533,9 +533,15 @@ def main(argv: list[str] | None = None) -> int:
     return Launcher(cfg).run()
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """``python -m scadles.launch`` and the ``scadles-launch`` script: main() on sys.argv, then
+    exit at once. Every process it started is stopped: skip the interpreter's slow teardown
+    of torch."""
     status = main()
-    # Every process it started is stopped: skip the interpreter's slow teardown of torch.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+if __name__ == "__main__":
+    console_main()

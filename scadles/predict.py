@@ -142,23 +142,27 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from streamsim import logsetup
+    from streamsim.cli import DefaultsHelpFormatter
     from streamsim.schedule import parse_rates
 
     logsetup.configure("predict")
 
     p = argparse.ArgumentParser(prog="python -m scadles.predict", description=(
         "Predicted step time, global batch and speedup bounds of ScaDLES against ddp "
-        "(closed form, constant rates)."))
+        "(closed form, constant rates)."), formatter_class=DefaultsHelpFormatter)
     p.add_argument("--rates", required=True, help="as the launcher takes them (S10, 10,20,..)")
     p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of sampled rates (S10, normal:..)")
     p.add_argument("--compute-model", required=True)
-    p.add_argument("--comm-model", default="auto")
-    p.add_argument("--min-train-bsz", type=int, default=8)
-    p.add_argument("--max-train-bsz", type=int, default=64)
-    p.add_argument("--window-s", type=float, default=1.0)
-    p.add_argument("--train-bsz", type=int, default=64)
-    p.add_argument("--policy", default="persistence", choices=["persistence", "truncation"])
+    p.add_argument("--comm-model", default="auto",
+                   help="sync seconds per step, as the launcher takes it")
+    p.add_argument("--min-train-bsz", type=int, default=8, help="scadles: b_min")
+    p.add_argument("--max-train-bsz", type=int, default=64, help="scadles: b_max")
+    p.add_argument("--window-s", type=float, default=1.0,
+                   help="scadles: stream seconds between steps")
+    p.add_argument("--train-bsz", type=int, default=64, help="ddp: fixed batch per device")
+    p.add_argument("--policy", default="persistence", choices=["persistence", "truncation"],
+                   help="scadles: buffer policy")
     p.add_argument("--compression-ratio", type=float, default=None,
                    help="ScaDLES's exchanges compressed at this Top-k ratio")
     p.add_argument("--step-when-full", action="store_true")

@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     split = argv.index("--")
-    p = argparse.ArgumentParser(prog="python -m scadles.rankhost")
+    from streamsim.cli import DefaultsHelpFormatter
+
+    p = argparse.ArgumentParser(prog="python -m scadles.rankhost",
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--ranks", required=True, help="FIRST:STOP, the global ranks of this node")
     args = p.parse_args(argv[:split])
     train_argv = argv[split + 1:]

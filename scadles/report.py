@@ -775,10 +775,11 @@ def parse_target(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from streamsim import logsetup
+    from streamsim.cli import DefaultsHelpFormatter
 
     logsetup.configure("report")
     parser = argparse.ArgumentParser(prog="python -m scadles.report", description=__doc__.split(
-        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+        "\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="LOG_DIR of a run")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: first RUN_DIR's parent / report)")

@@ -794,13 +794,16 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from streamsim import logsetup
+    from streamsim.cli import DefaultsHelpFormatter
 
     logsetup.configure("results")
 
     p = argparse.ArgumentParser(prog="python -m scadles.results",
-                                description="Store a run's compact record for the results page")
+                                description="Store a run's compact record for the results page",
+                                formatter_class=DefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("store", help="write RUN_DIR's compact record to OUT (.json)")
+    s = sub.add_parser("store", help="write RUN_DIR's compact record to OUT (.json)",
+                       formatter_class=DefaultsHelpFormatter)
     s.add_argument("run_dir")
     s.add_argument("out")
     args = p.parse_args(argv)

@@ -486,11 +486,13 @@ def stop(state_file: str | Path | None = None) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     from streamsim import logsetup
+    from streamsim.cli import DefaultsHelpFormatter
 
     logsetup.configure("broker")
     parser = argparse.ArgumentParser(
         prog="python -m streamsim.broker",
-        description="The shared embedded Kafka-protocol broker (Tansu) on loopback.")
+        description="The shared embedded Kafka-protocol broker (Tansu) on loopback.",
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("command", choices=("start", "stop", "status"))
     parser.add_argument("--state-file", default=None,
                         help="pid/address file (default $SCADLES_STATE_DIR/broker.json or "

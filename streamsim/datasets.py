@@ -356,15 +356,17 @@ def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = 
 
 def main(argv: list[str] | None = None) -> int:
     from streamsim import logsetup
+    from streamsim.cli import DefaultsHelpFormatter
 
     logsetup.configure("datasets")
     parser = argparse.ArgumentParser(prog="python -m streamsim.datasets",
-                                     description="Show what a dataset name finds.")
+                                     description="Show what a dataset name finds.",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("name", choices=list(DATASETS))
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--split", default="train", choices=SPLITS)
+    parser.add_argument("--split", default="train", choices=SPLITS, help="which split to load")
     parser.add_argument("--download", action="store_true")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=224, help="imagefolder only")
     args = parser.parse_args(argv)
     try:
         ds = load_dataset(args.name, split=args.split, data_dir=args.data_dir,

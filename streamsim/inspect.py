@@ -201,10 +201,12 @@ def format_summary(s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from streamsim import logsetup
+    from streamsim.cli import DefaultsHelpFormatter
 
     logsetup.configure("inspect")
     parser = argparse.ArgumentParser(prog="python -m streamsim.inspect",
-                                     description="Summarize what a device topic holds.")
+                                     description="Summarize what a device topic holds.",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP"),
                         help="HOST:PORT of the broker (default $KAFKA_BOOTSTRAP)")
     parser.add_argument("--topic", required=True)
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="expected device id (default: the first sample's)")
     parser.add_argument("--idle-s", type=float, default=1.0,
                         help="stop after this long at the highwater mark with nothing new")
-    parser.add_argument("--timeout-s", type=float, default=600.0)
+    parser.add_argument("--timeout-s", type=float, default=600.0,
+                        help="give up (an incomplete summary) after this long")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     from streamsim.broker import CLI_PROBE_S, BrokerUnreachable

@@ -765,9 +765,12 @@ def _optional_float(text: str) -> float | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from streamsim.cli import DefaultsHelpFormatter
+
     parser = argparse.ArgumentParser(
         prog="python -m streamsim.produce",
-        description="Stream every device's data onto its Kafka topic, paced by schedule.")
+        description="Stream every device's data onto its Kafka topic, paced by schedule.",
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP"),
                         help="HOST:PORT of the broker (default $KAFKA_BOOTSTRAP)")
     parser.add_argument("--dataset", required=True,
@@ -784,9 +787,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="constant, rotate:SEC or scale:T:F,T:F")
     parser.add_argument("--duration", type=float, required=True, help="stream seconds")
     parser.add_argument("--pace", choices=PACES, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--arrivals", choices=("even", "poisson"), default="even")
-    parser.add_argument("--topic-prefix", default=DEFAULT_TOPIC_PREFIX)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the partition, rates and streams")
+    parser.add_argument("--arrivals", choices=("even", "poisson"), default="even",
+                        help="even: exact counts; poisson: random arrivals at the same rate")
+    parser.add_argument("--topic-prefix", default=DEFAULT_TOPIC_PREFIX,
+                        help="device d's topic is PREFIX<d>")
     parser.add_argument("--start-time", type=_optional_float, default=None,
                         help="event-time origin, epoch seconds (default: now for realtime, "
                              "record.VIRTUAL_EPOCH_S for virtual)")
