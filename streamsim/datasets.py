@@ -7,7 +7,12 @@ their standard files into one uint8 N,C,H,W array, so a batch is one fancy index
 never held in memory. A missing dataset raises ``DatasetError`` saying where it looked and
 how to get the data; ``synthetic`` is used only when asked for by name.
 
-CLI: ``python -m streamsim.datasets NAME [--data-dir D] [--split S]`` prints what it found.
+``--dataset module:callable`` names a loader outside the package (a plug-in, imported by
+``streamsim.plugins``): ``load_dataset`` calls it like the built-ins and checks that it
+returned an ``ArrayDataset``.
+
+CLI: ``python -m streamsim.datasets NAME [--data-dir D] [--split S]`` prints what it found
+(NAME may be a plug-in).
 """
 from __future__ import annotations
 
@@ -412,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streamsim.datasets",
                                      description="Show what a dataset name finds.",
                                      formatter_class=DefaultsHelpFormatter)
-    parser.add_argument("name", choices=list(DATASETS))
+    parser.add_argument("name", help=f"{' | '.join(DATASETS)} | MODULE:CALLABLE (a plug-in)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--split", default="train", choices=SPLITS, help="which split to load")
     parser.add_argument("--download", action="store_true")
@@ -424,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # an unknown name, a broken plug-in
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{ds.name} {args.split}: {len(ds)} samples, shape {ds.sample_shape}, "
           f"{ds.num_classes} classes, from {ds.source}")
     return 0

@@ -253,7 +253,7 @@ class SparseExchanger:
         packed = _pack(local, device)
         # Error feedback, from the packed copy (a payload may alias the gradient itself).
         if self.memory.keeps_residuals:
-            mine = _unpack(packed, local, len(payloads), [len(p) for p, _ in payloads])
+            mine = _unpack(packed, local, [len(p) for p, _ in payloads])
             for (name, p), payload, (_, ctx) in zip(named_params, mine, payloads):
                 self._add_decompressed(p.grad, payload, ctx, alpha=-1.0)
                 self.memory.adopt_(name, p.grad)
@@ -268,8 +268,7 @@ class SparseExchanger:
         views = self._views(dense, named_params, offsets)
         counts = [len(p) for p, _ in payloads]
         for got in gathered:
-            for view, payload, (_, ctx) in zip(views, _unpack(got, local, len(payloads), counts),
-                                               payloads):
+            for view, payload, (_, ctx) in zip(views, _unpack(got, local, counts), payloads):
                 self._add_decompressed(view, payload, ctx)
         for (_, p), view in zip(named_params, views):
             p.grad = view
@@ -387,10 +386,11 @@ def _pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return packed
 
 
-def _unpack(packed: torch.Tensor, like: list[torch.Tensor], layers: int,
+def _unpack(packed: torch.Tensor, like: list[torch.Tensor],
             counts: list[int]) -> list[list[torch.Tensor]]:
-    """A packed buffer back to one payload per layer (views, no copies): tensor j takes the
-    dtype of ``like[j]`` (this rank's) and its shape when the lengths agree, else 1-D."""
+    """A packed buffer back to one payload per layer (``counts``: tensors per layer; views,
+    no copies): tensor j takes the dtype of ``like[j]`` (this rank's) and its shape when the
+    lengths agree, else 1-D."""
     header = packed[:8 * (1 + len(like))].view(torch.int64).tolist()
     if header[0] != len(like):
         raise RuntimeError(f"a rank sent {header[0]} payload tensors, this one "
@@ -405,7 +405,6 @@ def _unpack(packed: torch.Tensor, like: list[torch.Tensor], layers: int,
     for count in counts:
         payloads.append(tensors[start:start + count])
         start += count
-    assert len(payloads) == layers
     return payloads
 
 
