@@ -423,10 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--image-size", type=int, default=224, help="imagefolder only")
     args = parser.parse_args(argv)
+    # The imported module, not __main__: a plug-in builds streamsim.datasets.ArrayDataset.
+    from streamsim import datasets
+
     try:
-        ds = load_dataset(args.name, split=args.split, data_dir=args.data_dir,
-                          download=args.download, image_size=args.image_size)
-    except DatasetError as e:
+        ds = datasets.load_dataset(args.name, split=args.split, data_dir=args.data_dir,
+                                   download=args.download, image_size=args.image_size)
+    except datasets.DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:  # an unknown name, a broken plug-in

@@ -249,3 +249,21 @@ def test_a_checkpoint_of_another_compressor_is_refused():
     other = make_exchanger(OneRankComm(), compression="static")
     with pytest.raises(ValueError, match="compressor"):
         other.load_state_dict(saved)
+
+
+def test_the_datasets_command_shows_a_plugin(tmp_path):
+    """``python -m streamsim.datasets mydata:stripes``: run as __main__, the plug-in's
+    ArrayDataset (from the imported streamsim.datasets) is still recognized."""
+    import os
+    import subprocess
+    import sys
+
+    repo = PLUGINS.parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PLUGINS), str(repo)]))
+    ok = subprocess.run([sys.executable, "-m", "streamsim.datasets", "mydata:stripes",
+                         "--split", "test"], env=env, cwd=tmp_path, capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0 and "stripes test: 100 samples, shape (1, 8, 8)" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "streamsim.datasets", "mydata:not_a_dataset"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "ArrayDataset" in bad.stderr
