@@ -474,15 +474,14 @@ def _validate_plugins(cfg: Config, check_environment: bool) -> None:
         if is_import_path(cfg.compressor):
             check_compressor(cfg.compressor, cfg.compression_ratio)
         if check_environment and (is_import_path(cfg.dataset) or is_import_path(cfg.model_name)):
+            splits = ("train", "test") if is_import_path(cfg.dataset) else ("train",)
             try:
-                splits = [load_dataset(cfg.dataset, split, cfg.data_dir, cfg.download,
-                                       cfg.image_size, cfg.seed)
-                          for split in ("train", "test")[:2 if is_import_path(cfg.dataset)
-                                                          else 1]]
+                train, *_ = [load_dataset(cfg.dataset, split, cfg.data_dir, cfg.download,
+                                          cfg.image_size, cfg.seed) for split in splits]
             except DatasetError:
                 return  # missing data: reported where it is loaded, as for the built-ins
-            channels, height, _ = splits[0].sample_shape
-            build_model(cfg.model_name, splits[0].num_classes, channels, height, cfg.seed)
+            channels, height, _ = train.sample_shape
+            build_model(cfg.model_name, train.num_classes, channels, height, cfg.seed)
     except PluginError as e:
         raise ConfigError(str(e)) from None
 
