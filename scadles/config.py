@@ -63,9 +63,10 @@ class Config:
     mode: str = _opt("scadles", "scadles (rate-proportional batches, weighted aggregation) "
                                 "or ddp (fixed batch, waits for the slowest stream)")
     backend: str = _opt("gloo", "mpi | gloo | nccl")
-    model_name: str = _opt("smallcnn", "resnet152 | vgg19 | resnet18 | smallcnn | smallcnn-bn")
+    model_name: str = _opt("smallcnn", "resnet152 | vgg19 | resnet18 | smallcnn | smallcnn-bn "
+                                       "| MODULE:CALLABLE (README: Extending)")
     dataset: str = _opt("fashion-mnist", "cifar10 | cifar100 | fashion-mnist | imagefolder "
-                                         "| synthetic")
+                                         "| synthetic | MODULE:CALLABLE")
     data_dir: str | None = _opt(None, "where the dataset is (default: <repo>/data, and "
                                       "Debian's place for Fashion-MNIST)")
     download: bool = _opt(False, "download the dataset if it is missing")
@@ -137,7 +138,10 @@ class Config:
     log_dir: str | None = _opt(None, "where logs go (default: <repo>/logs/<run name>)")
     # -- compression (scadles.compress) -----------------------------------------------------
     compression: str = _opt("none", "none | static | adaptive")
-    compression_ratio: float = _opt(0.01, "Top-k: fraction of gradient elements sent")
+    compressor: str = _opt("topk", "what --compression static/adaptive sends: topk | qsgd | "
+                                   "identity | MODULE:CLASS")
+    compression_ratio: float = _opt(0.01, "Top-k: fraction of gradient elements sent (given "
+                                          "as ratio= to a compressor that takes it)")
     error_feedback: bool = _opt(True, "turn off error feedback (residuals)",
                                 flag="--no-error-feedback")
     delta_threshold: float = _opt(0.3, "adaptive: compress when the signal is at most this")
@@ -350,12 +354,7 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
         raise ConfigError("--rank-start fork cannot start nccl ranks (a CUDA context does not "
                           "survive a fork): use --rank-start spawn or auto")
 
-    from streamsim.datasets import DATASETS
-
-    _one_of("--dataset", cfg.dataset, list(DATASETS))
-    from scadles.models import MODELS
-
-    _one_of("--model-name", cfg.model_name, list(MODELS))
+    _validate_plugins(cfg, check_environment)
     if not re.fullmatch(r"iid|noniid|dirichlet:\d*\.?\d+(e-?\d+)?", cfg.partition) \
             or (cfg.partition.startswith("dirichlet:") and not float(cfg.partition[10:]) > 0):
         raise ConfigError(f"unknown --partition {cfg.partition!r}; use iid, noniid or "
@@ -453,6 +452,38 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
                               f"log dir of a run that had --checkpoint-every set")
     if check_environment:
         _validate_environment(cfg)
+
+
+def _validate_plugins(cfg: Config, check_environment: bool) -> None:
+    """--dataset, --model-name, --compressor: a built-in name, or MODULE:NAME imported and
+    tried here (streamsim.plugins), so a broken plug-in is one line before anything starts.
+    With ``check_environment``, a plug-in dataset is loaded and a plug-in model built."""
+    from scadles.compress import COMPRESSORS, check_compressor
+    from scadles.models import MODELS, build_model, model_builder
+    from streamsim.datasets import DATASETS, DatasetError, dataset_loader, load_dataset
+    from streamsim.plugins import PluginError, is_import_path
+
+    for flag, value, names in (("--dataset", cfg.dataset, DATASETS),
+                               ("--model-name", cfg.model_name, MODELS),
+                               ("--compressor", cfg.compressor, COMPRESSORS)):
+        if not is_import_path(value):
+            _one_of(flag, value, list(names), fix="or MODULE:NAME from PYTHONPATH")
+    try:
+        dataset_loader(cfg.dataset)
+        model_builder(cfg.model_name)
+        if is_import_path(cfg.compressor):
+            check_compressor(cfg.compressor, cfg.compression_ratio)
+        if check_environment and (is_import_path(cfg.dataset) or is_import_path(cfg.model_name)):
+            splits = ("train", "test") if is_import_path(cfg.dataset) else ("train",)
+            try:
+                train, *_ = [load_dataset(cfg.dataset, split, cfg.data_dir, cfg.download,
+                                          cfg.image_size, cfg.seed) for split in splits]
+            except DatasetError:
+                return  # missing data: reported where it is loaded, as for the built-ins
+            channels, height, _ = train.sample_shape
+            build_model(cfg.model_name, train.num_classes, channels, height, cfg.seed)
+    except PluginError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_addresses(cfg: Config) -> None:
@@ -564,7 +595,8 @@ def resolve(cfg: Config) -> None:
     if cfg.run_id is None:
         cfg.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     if cfg.log_dir is None:
-        cfg.log_dir = str(REPO / "logs" / f"{cfg.model_name}-{cfg.mode}-{cfg.run_id}")
+        model = cfg.model_name.replace(":", ".")  # a plug-in's module:callable
+        cfg.log_dir = str(REPO / "logs" / f"{model}-{cfg.mode}-{cfg.run_id}")
     cfg.log_dir = str(Path(cfg.log_dir).resolve())
     if cfg.topic_prefix is None:
         # A private embedded broker holds only this run; an external one is shared.

@@ -6,6 +6,9 @@ dataset's number of classes, input channels and image size: inputs of at most
 ``SMALL_IMAGE_MAX`` pixels (CIFAR's 32x32, Fashion-MNIST's 28x28) get the CIFAR-style
 variants (ResNet: 3x3 stride-1 first conv, no max-pool; VGG: ceil-mode pooling down to 1x1
 and a 512 -> classes classifier).
+
+``--model-name module:callable`` builds a model from outside the package (``model_builder``):
+``callable(num_classes: int, in_channels: int, image_size: int) -> torch.nn.Module``.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from streamsim import plugins
 
 SMALL_IMAGE_MAX = 64
 
@@ -101,18 +106,41 @@ MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
 }
 
 
+def model_builder(name: str) -> Callable[[int, int, int], nn.Module]:
+    """The constructor of ``name``: a key of ``MODELS``, or a plug-in ``module:callable``
+    taking ``(num_classes, in_channels, image_size)`` (imported here; ``PluginError``, a
+    ValueError, when it cannot be)."""
+    if plugins.is_import_path(name):
+        return plugins.load_object(name, "--model-name")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)} or "
+                         f"MODULE:CALLABLE")
+    return MODELS[name]
+
+
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
                 seed: int) -> nn.Module:
-    """Model ``name`` on the CPU, initialized from ``seed`` alone: every rank that passes the
-    same arguments gets bit-identical parameters. The global RNG is left untouched."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    """Model ``name`` (built-in or ``module:callable``) on the CPU, initialized from ``seed``
+    alone: every rank that passes the same arguments gets bit-identical parameters. The
+    global RNG is left untouched. A plug-in that raises, or returns anything but an
+    ``nn.Module`` with trainable parameters, is a one-line ``PluginError``."""
+    builder = model_builder(name)
     if num_classes < 1 or in_channels < 1 or image_size < 1:
         raise ValueError(f"model {name!r}: num_classes, in_channels and image_size must be "
                          f"positive, got {num_classes}, {in_channels}, {image_size}")
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
-        return MODELS[name](num_classes, in_channels, image_size)
+        if name in MODELS:
+            return builder(num_classes, in_channels, image_size)
+        model = plugins.call(builder, name, "--model-name", num_classes, in_channels,
+                             image_size)
+    if not isinstance(model, nn.Module):
+        raise plugins.PluginError(f"--model-name {name!r} returned a {type(model).__name__}: "
+                                  f"it must return a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise plugins.PluginError(f"--model-name {name!r} returned a module without trainable "
+                                  f"parameters")
+    return model
 
 
 def parameter_digest(model: nn.Module) -> str:

@@ -54,12 +54,13 @@ from scadles.optim import SGD
 from streamsim import logsetup
 from streamsim.broker import BrokerUnreachable
 from streamsim.datasets import DatasetError, load_dataset
+from streamsim.plugins import PluginError
 from streamsim.record import VIRTUAL_EPOCH_S
 
 FAIL_EXIT = 17  # exit status of the --fail-at-step test hook
 KNOWN_FAILURE_EXIT = 3  # a failure with a one-line cause (FAILED_MARK)
 FAILED_MARK = "FAILED: "  # "rank R FAILED: <cause>": the line the launcher reports
-KNOWN_FAILURES = (BrokerUnreachable, StreamStalled, SourceError, DatasetError)
+KNOWN_FAILURES = (BrokerUnreachable, StreamStalled, SourceError, DatasetError, PluginError)
 EVAL_BATCH = 500
 
 
@@ -281,6 +282,7 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
     optimizer = SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                     weight_decay=cfg.weight_decay)
     exchanger = make_exchanger(comm, compression=cfg.compression,
+                               compressor=cfg.compressor,
                                compression_ratio=cfg.compression_ratio,
                                error_feedback=cfg.error_feedback,
                                delta_threshold=cfg.delta_threshold,

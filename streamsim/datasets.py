@@ -7,12 +7,18 @@ their standard files into one uint8 N,C,H,W array, so a batch is one fancy index
 never held in memory. A missing dataset raises ``DatasetError`` saying where it looked and
 how to get the data; ``synthetic`` is used only when asked for by name.
 
-CLI: ``python -m streamsim.datasets NAME [--data-dir D] [--split S]`` prints what it found.
+``--dataset module:callable`` names a loader outside the package (a plug-in, imported by
+``streamsim.plugins``): ``load_dataset`` calls it like the built-ins and checks that it
+returned an ``ArrayDataset``.
+
+CLI: ``python -m streamsim.datasets NAME [--data-dir D] [--split S]`` prints what it found
+(NAME may be a plug-in).
 """
 from __future__ import annotations
 
 import argparse
 import gzip
+import inspect
 import os
 import pickle
 import sys
@@ -20,6 +26,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+from streamsim import plugins
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "test")
@@ -336,21 +344,68 @@ DATASETS: dict[str, Callable[..., ArrayDataset]] = {
 _LOADED: dict[tuple, ArrayDataset] = {}
 
 
+def dataset_loader(name: str) -> Callable[..., ArrayDataset]:
+    """The loader of ``name``: a key of ``DATASETS``, or a plug-in ``module:callable``
+    (imported here; ``plugins.PluginError``, a ValueError, when it cannot be)."""
+    if plugins.is_import_path(name):
+        return plugins.load_object(name, "--dataset")
+    if name not in DATASETS:
+        raise ValueError(f"dataset {name!r}: use one of {', '.join(DATASETS)} or "
+                         f"MODULE:CALLABLE")
+    return DATASETS[name]
+
+
 def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = None,
                  download: bool = False, image_size: int = 224, seed: int = 0,
                  **options: object) -> ArrayDataset:
-    """Load dataset ``name`` (a key of ``DATASETS``); ``options`` go to its loader. An
-    in-memory dataset is loaded once per process (and kept: it is read-only)."""
-    if name not in DATASETS:
-        raise ValueError(f"dataset {name!r}: use one of {', '.join(DATASETS)}")
+    """Load dataset ``name`` (a key of ``DATASETS`` or a plug-in ``module:callable``);
+    ``options`` go to its loader. An in-memory dataset is loaded once per process (and
+    kept: it is read-only).
+
+    A plug-in loader is called like the built-ins, with the keywords it accepts among
+    ``split`` ("train" | "test"), ``data_dir`` (a Path or None), ``download``,
+    ``image_size`` and ``seed`` (all of them when it takes ``**kwargs``), and must return an
+    ``ArrayDataset``; anything else, or an exception other than ``DatasetError``, is a
+    ``plugins.PluginError`` with a one-line message."""
+    loader = dataset_loader(name)
     key = (name, split, None if data_dir is None else str(Path(data_dir).resolve()),
            image_size, seed, tuple(sorted(options.items())))
     if key in _LOADED:
         return _LOADED[key]
-    ds = DATASETS[name](split=split, data_dir=None if data_dir is None else Path(data_dir),
-                        download=download, image_size=image_size, seed=seed, **options)
+    kwargs = dict(split=split, data_dir=None if data_dir is None else Path(data_dir),
+                  download=download, image_size=image_size, seed=seed, **options)
+    if name in DATASETS:
+        ds = loader(**kwargs)
+    else:
+        ds = _load_plugin(name, loader, kwargs)
     if ds.in_memory:
         _LOADED[key] = ds
+    return ds
+
+
+def _load_plugin(name: str, loader: Callable, kwargs: dict) -> ArrayDataset:
+    """Call a plug-in loader with the keywords it takes; check it returned an ArrayDataset."""
+    try:
+        params = inspect.signature(loader).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        accepted = {p.name for p in params}
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted or k == "split"}
+    try:
+        ds = loader(**kwargs)
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001  (a user's loader may raise anything)
+        raise plugins.PluginError(f"--dataset {name!r} ({kwargs['split']} split) raised "
+                                  f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+    if not isinstance(ds, ArrayDataset):
+        raise plugins.PluginError(f"--dataset {name!r} returned a {type(ds).__name__} for the "
+                                  f"{kwargs['split']} split: it must return a "
+                                  f"streamsim.datasets.ArrayDataset")
+    if len(ds) == 0:
+        raise plugins.PluginError(f"--dataset {name!r} returned an empty {kwargs['split']} "
+                                  f"split")
     return ds
 
 
@@ -362,18 +417,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streamsim.datasets",
                                      description="Show what a dataset name finds.",
                                      formatter_class=DefaultsHelpFormatter)
-    parser.add_argument("name", choices=list(DATASETS))
+    parser.add_argument("name", help=f"{' | '.join(DATASETS)} | MODULE:CALLABLE (a plug-in)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--split", default="train", choices=SPLITS, help="which split to load")
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--image-size", type=int, default=224, help="imagefolder only")
     args = parser.parse_args(argv)
+    # The imported module, not __main__: a plug-in builds streamsim.datasets.ArrayDataset.
+    from streamsim import datasets
+
     try:
-        ds = load_dataset(args.name, split=args.split, data_dir=args.data_dir,
-                          download=args.download, image_size=args.image_size)
-    except DatasetError as e:
+        ds = datasets.load_dataset(args.name, split=args.split, data_dir=args.data_dir,
+                                   download=args.download, image_size=args.image_size)
+    except datasets.DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # an unknown name, a broken plug-in
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{ds.name} {args.split}: {len(ds)} samples, shape {ds.sample_shape}, "
           f"{ds.num_classes} classes, from {ds.source}")
     return 0

@@ -774,7 +774,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP"),
                         help="HOST:PORT of the broker (default $KAFKA_BOOTSTRAP)")
     parser.add_argument("--dataset", required=True,
-                        help="cifar10, cifar100, fashion-mnist, imagefolder or synthetic")
+                        help="cifar10, cifar100, fashion-mnist, imagefolder, synthetic or "
+                             "MODULE:CALLABLE (a plug-in on PYTHONPATH)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--image-size", type=int, default=224, help="imagefolder only")
@@ -829,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamsim import logsetup
     from streamsim.broker import (CLI_PROBE_S, BrokerError, BrokerUnreachable,
                                   check_reachable, parse_bootstrap)
-    from streamsim.datasets import DATASETS, DatasetError, load_dataset
+    from streamsim.datasets import DatasetError, dataset_loader, load_dataset
 
     logsetup.configure("produce")
 
@@ -848,8 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         make_schedules(args.rates, args.world_size, args.seed, args.rate_schedule)  # fail fast
         parse_scheme(args.partition)
         devices = _parse_devices(args.devices, args.world_size)
-        if args.dataset not in DATASETS:
-            raise ValueError(f"--dataset {args.dataset!r}: use one of {', '.join(DATASETS)}")
+        dataset_loader(args.dataset)  # a built-in name or an importable module:callable
     except ValueError as e:
         print(f"produce: {e}", file=sys.stderr)
         return 2

@@ -1,36 +1,127 @@
-"""Gradient compression: Top-k sparsification with error feedback, static or adaptive.
+"""Gradient compression with error feedback, static or adaptive (Top-k by default).
 
-The training loop calls ``make_exchanger(comm, compression=...)`` once and then, after every
-backward, ``exchanger.exchange(named_params, weight, step, epoch=...)``:
+The training loop calls ``make_exchanger(comm, compression=..., compressor=...)`` once and
+then, after every backward, ``exchanger.exchange(named_params, weight, step, epoch=...)``:
 
 - ``none``: ``aggregate.DenseExchanger``, the weighted sum-allreduce;
-- ``static``: Top-k every step (``exchange.SparseExchanger``);
-- ``adaptive``: Top-k or dense, chosen each step by a vote of all ranks on a compression
-  signal (``adaptive.py``).
+- ``static``: the compressor every step (``exchange.SparseExchanger``);
+- ``adaptive``: compressed or dense, chosen each step by a vote of all ranks on a
+  compression signal (``adaptive.py``).
 
-One algorithm per file: ``identity.py`` and ``topk.py`` (compressors: ``compress(tensor,
-name) -> (payload, ctx)``, ``decompress(payload, ctx) -> tensor``), ``memory.py`` (error
-feedback), ``adaptive.py`` (signals and the vote), ``exchange.py`` (the exchange itself).
+The compressor contract (GRACE's), which every built-in and every ``--compressor
+module:Class`` plug-in follows:
+
+- ``compress(tensor, name) -> (payload, ctx)``: ``payload`` a list (or tuple) of tensors,
+  the only thing that crosses the network; ``ctx`` anything, it stays on this rank;
+- ``decompress(payload, ctx) -> tensor``: one rank's payload back to a dense tensor of the
+  compressed tensor's shape and dtype; the exchanger allgathers every rank's payload and
+  sums the decompressed results (a remote payload is decompressed with the local ``ctx``);
+- optional fast paths: ``decompress_add_(out, payload, ctx, alpha=1.0)`` adds
+  ``alpha x decompress(payload, ctx)`` into ``out`` in place (no dense temporary); a class
+  attribute ``sparse_payload = True`` says the payload is (values, indices into the
+  flattened tensor), which the exchanger then merges over all layers into one flat
+  ``index_add_`` (what Top-k uses);
+- constructed with no arguments, except ``ratio=--compression-ratio`` when the constructor
+  takes a ``ratio`` keyword.
+
+Error feedback is not the compressor's business: ``memory.py`` keeps the residual
+(compensated gradient minus what ``decompress`` gives back) per parameter name.
+
+One algorithm per file: ``identity.py``, ``topk.py``, ``qsgd.py`` (compressors),
+``memory.py`` (error feedback), ``adaptive.py`` (signals and the vote), ``exchange.py`` (the
+exchange itself).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field, fields
-from typing import Callable
+
+import torch
 
 from scadles.compress.adaptive import SIGNALS
 from scadles.compress.identity import IdentityCompressor
+from scadles.compress.qsgd import QSGDCompressor
 from scadles.compress.topk import TopKCompressor
+from streamsim import plugins
 
 log = logging.getLogger(__name__)
 
 MODES = ("none", "static", "adaptive")
 
-COMPRESSORS: dict[str, Callable[..., object]] = {
-    "identity": lambda state: IdentityCompressor(),
-    "topk": lambda state: TopKCompressor(state.compression_ratio),
+# name -> class; a ``module:Class`` plug-in is looked up by ``compressor_class``.
+COMPRESSORS: dict[str, type] = {
+    "topk": TopKCompressor,
+    "qsgd": QSGDCompressor,
+    "identity": IdentityCompressor,
 }
+
+
+def compressor_class(spec: str) -> type:
+    """The class ``spec`` names: a key of ``COMPRESSORS`` or ``module:Class`` (imported;
+    ``plugins.PluginError``, a ValueError, when it cannot be)."""
+    if plugins.is_import_path(spec):
+        return plugins.load_object(spec, "--compressor")
+    if spec not in COMPRESSORS:
+        raise ValueError(f"unknown --compressor {spec!r}; use one of "
+                         f"{', '.join(COMPRESSORS)} or MODULE:CLASS")
+    return COMPRESSORS[spec]
+
+
+def takes_ratio(cls) -> bool:
+    """Whether ``cls``'s constructor takes a ``ratio`` keyword (--compression-ratio)."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+    ratio = params.get("ratio")
+    return ratio is not None and ratio.kind in (ratio.POSITIONAL_OR_KEYWORD, ratio.KEYWORD_ONLY)
+
+
+def make_compressor(spec: str, ratio: float):
+    """A new compressor ``spec``: ``cls(ratio=ratio)`` when it takes ``ratio``, else
+    ``cls()``; a plug-in that fails or lacks ``compress``/``decompress`` is a PluginError."""
+    cls = compressor_class(spec)
+    kwargs = {"ratio": ratio} if takes_ratio(cls) else {}
+    compressor = plugins.call(cls, spec, "--compressor", **kwargs)
+    for method in ("compress", "decompress"):
+        if not callable(getattr(compressor, method, None)):
+            raise plugins.PluginError(f"--compressor {spec!r} has no {method}() method: a "
+                                      f"compressor offers compress(tensor, name) -> "
+                                      f"(payload, ctx) and decompress(payload, ctx) -> tensor")
+    return compressor
+
+
+def check_compressor(spec: str, ratio: float) -> None:
+    """Build compressor ``spec`` and round-trip a small float32 tensor through it, as the
+    exchanger will: a plug-in that breaks the contract is a one-line PluginError (checked
+    at configuration time, before any process starts)."""
+    compressor = make_compressor(spec, ratio)
+    tensor = torch.linspace(-1.0, 1.0, 48).view(6, 8)
+    result = plugins.call(compressor.compress, spec, "--compressor", tensor.clone(), "check")
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise plugins.PluginError(f"--compressor {spec!r}: compress() returned a "
+                                  f"{type(result).__name__}, not (payload, ctx)")
+    payload, ctx = result
+    if not (isinstance(payload, (tuple, list)) and payload
+            and all(isinstance(t, torch.Tensor) for t in payload)):
+        raise plugins.PluginError(f"--compressor {spec!r}: compress() must return a payload "
+                                  f"that is a list of tensors, got {_describe(payload)}")
+    dense = plugins.call(compressor.decompress, spec, "--compressor", payload, ctx)
+    if not isinstance(dense, torch.Tensor) or dense.shape != tensor.shape \
+            or dense.dtype != tensor.dtype:
+        raise plugins.PluginError(f"--compressor {spec!r}: decompress() must return a tensor "
+                                  f"of the compressed one's shape and dtype ({tuple(tensor.shape)}"
+                                  f", {tensor.dtype}), got {_describe(dense)}")
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a {obj.dtype} tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, (tuple, list)):
+        return f"a {type(obj).__name__} of {', '.join(type(x).__name__ for x in obj) or 'nothing'}"
+    return f"a {type(obj).__name__}"
 
 
 @dataclass
@@ -43,7 +134,8 @@ class CompressionState:
 
     # What is sent.
     compression: str = "static"            # none | static | adaptive
-    compression_ratio: float = 0.01        # fraction of each layer's elements Top-k keeps
+    compressor: str = "topk"               # a key of COMPRESSORS or module:Class
+    compression_ratio: float = 0.01        # Top-k: fraction kept; ratio= of a plug-in
     error_feedback: bool = True            # carry what Top-k drops into the next step
     # When to compress (adaptive mode).
     adaptive_signal: str = "paper"         # paper | orig | gradnorm-change
@@ -70,6 +162,9 @@ class CompressionState:
 
         if self.compression not in MODES:
             bad("compression", self.compression, " | ".join(MODES))
+        if not isinstance(self.compressor, str) or not (
+                self.compressor in COMPRESSORS or plugins.is_import_path(self.compressor)):
+            bad("compressor", self.compressor, " | ".join(COMPRESSORS) + " | module:Class")
         if not _is_number(self.compression_ratio) or not 0.0 < self.compression_ratio <= 1.0:
             bad("compression_ratio", self.compression_ratio, "a fraction in (0, 1]")
         if not isinstance(self.error_feedback, bool):
@@ -95,8 +190,10 @@ class CompressionState:
         """One line for the start-of-run log."""
         if self.compression == "none":
             return "gradient compression: none (dense weighted allreduce)"
-        text = (f"gradient compression: {self.compression} top-k, ratio "
-                f"{self.compression_ratio:g}, error feedback "
+        name = "top-k" if self.compressor == "topk" else self.compressor
+        ratio = (f", ratio {self.compression_ratio:g}"
+                 if takes_ratio(compressor_class(self.compressor)) else "")
+        text = (f"gradient compression: {self.compression} {name}{ratio}, error feedback "
                 f"{'on' if self.error_feedback else 'off'}")
         if self.compression == "adaptive":
             if self.adaptive_signal == "gradnorm-change":
@@ -174,12 +271,14 @@ def make_exchanger(comm, compression: str = "none", compression_ratio: float = 0
                    error_feedback: bool = True, delta_threshold: float = 0.3,
                    adaptive_signal: str = "paper", ewma_alpha: float = 0.1,
                    gradnorm_threshold: float = 0.5, gradnorm_interval_steps: int = 10,
-                   bucket_cap_mb: float = 25.0):
-    """The gradient exchanger for ``compression`` (``none`` | ``static`` | ``adaptive``).
+                   bucket_cap_mb: float = 25.0, compressor: str = "topk"):
+    """The gradient exchanger for ``compression`` (``none`` | ``static`` | ``adaptive``)
+    with ``compressor`` (a key of ``COMPRESSORS`` or ``module:Class``).
 
     All settings are validated whatever the mode, and logged once (rank 0).
     """
-    state = CompressionState(compression=compression, compression_ratio=compression_ratio,
+    state = CompressionState(compression=compression, compressor=compressor,
+                             compression_ratio=compression_ratio,
                              error_feedback=error_feedback, adaptive_signal=adaptive_signal,
                              delta_threshold=delta_threshold, ewma_alpha=ewma_alpha,
                              gradnorm_threshold=gradnorm_threshold,
@@ -192,7 +291,9 @@ def make_exchanger(comm, compression: str = "none", compression_ratio: float = 0
         return DenseExchanger(comm, bucket_cap_mb=bucket_cap_mb)
     from scadles.compress.exchange import SparseExchanger
 
-    return SparseExchanger(comm, state, bucket_cap_mb=bucket_cap_mb)
+    return SparseExchanger(comm, state, make_compressor(compressor, compression_ratio),
+                           bucket_cap_mb=bucket_cap_mb)
 
 
-__all__ = ["COMPRESSORS", "MODES", "CompressionState", "make_exchanger"]
+__all__ = ["COMPRESSORS", "MODES", "CompressionState", "check_compressor", "compressor_class",
+           "make_compressor", "make_exchanger", "takes_ratio"]

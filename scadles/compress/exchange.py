@@ -1,22 +1,29 @@
-"""The compressed gradient exchange: weight, compensate, Top-k, allgather, sum.
+"""The compressed gradient exchange: weight, compensate, compress, allgather, sum.
 
 Per step, on every rank i (``SparseExchanger.exchange``):
 
 1. g_l <- w_i x grad_l + residual_l for every layer l (w_i = b_i / B: the stream-rate weight
    is applied *before* compression, so what is dropped is measured in aggregate units), in
    one pass into a flat model-sized buffer whose views become the ``.grad``;
-2. Top-k of each layer, and the signal (``adaptive.py``) from the layer norms (the
-   ``gradnorm-change`` signal reads the local gradient's norm before step 1 and needs no
-   Top-k, so adaptive mode then selects after the vote);
+2. compress each layer (Top-k by default), and the signal (``adaptive.py``) from the layer
+   norms and what the payloads keep of them (the ``gradnorm-change`` signal reads the local
+   gradient's norm before step 1 and needs no compression, so adaptive mode then
+   compresses after the vote);
 3. static mode compresses; adaptive mode allreduces one vote per rank and ``decide``s, so
    every rank takes the same path;
-4. compressed: the kept values of all layers go out in one buffer with their flat indices
-   (one ``allgather_varlen``: float32 values and int32 indices share a width, so they travel
-   together as int32 words; two collectives otherwise); g itself, with the sent entries
-   taken out (k writes), becomes the residual; every rank sums everyone's (values, indices)
-   into a second flat buffer, whose views become the ``.grad``. The two buffers swap roles
-   every sparse step, so a step makes no model-sized copy or allocation beyond the weighting
-   pass and one ``zero_``;
+4. compressed: one ``allgather_varlen`` of this rank's payloads, then every rank's payloads
+   summed into a second flat buffer, whose views become the ``.grad``; g itself, minus what
+   this rank sent, becomes the residual. The two buffers swap roles every compressed step,
+   so a step makes no model-sized copy or allocation beyond the weighting pass and one
+   ``zero_``. Two ways to send:
+   - ``sparse_payload`` compressors (Top-k: (values, indices)): the kept values of all
+     layers go out in one buffer with their flat indices (float32 values and int32 indices
+     share a width, so they travel together as int32 words; two collectives otherwise); the
+     sent entries are taken out of g (k writes) and the sum is one ``index_add_`` per rank;
+   - any other payload: every layer's tensors packed into one byte buffer behind a header of
+     their lengths; each rank's payload decompressed (``decompress_add_`` in place when the
+     compressor offers it) and summed; g minus this rank's decompressed payload is the
+     residual;
    dense: the residual rides along in g, the memory is cleared and g is sum-allreduced
    (``aggregate.weighted_allreduce_``).
 
@@ -24,8 +31,9 @@ With ratio 1.0 the result equals the dense weighted aggregation sum_i w_i grad_i
 
 Step stats: ``compressed``; ``ratio`` (values sent / elements, 1.0 on dense steps);
 ``signal`` (this rank's, None while it has none); ``bytes_sent`` (this rank's payload:
-values + indices, or the dense buckets; not the vote, not gloo's padding); ``floats_sent``
-(values sent); ``compress_s`` (wall seconds of the exchanger's own work outside the
+values + indices, the packed payload with its header, or the dense buckets; not the vote,
+not gloo's padding); ``floats_sent`` (values sent; for a packed payload, its bytes in
+gradient elements); ``compress_s`` (wall seconds of the exchanger's own work outside the
 collectives); ``votes`` (adaptive mode: ranks that voted to compress).
 """
 from __future__ import annotations
@@ -38,7 +46,7 @@ from typing import Sequence
 import torch
 
 from scadles.aggregate import weighted_allreduce_
-from scadles.compress import COMPRESSORS, CompressionState
+from scadles.compress import CompressionState, make_compressor
 from scadles.compress.adaptive import StepNorms, decide, make_signal, vote
 from scadles.compress.memory import NoMemory, ResidualMemory
 from scadles.compress.topk import index_dtype
@@ -52,7 +60,8 @@ def _sq_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 class SparseExchanger:
-    """Top-k exchange with error feedback, every step (``static``) or by vote (``adaptive``).
+    """Compressed exchange with error feedback, every step (``static``) or by vote
+    (``adaptive``), with any compressor of the contract in ``compress/__init__.py``.
 
     ``exchange`` replaces every ``.grad`` with the aggregate and returns the step's stats;
     ``summary()`` the run's; ``state_dict()`` holds this rank's residuals, signal state and
@@ -66,7 +75,12 @@ class SparseExchanger:
                              f"not {state.compression!r}")
         self.comm = comm
         self.state = state
-        self.compressor = compressor if compressor is not None else COMPRESSORS["topk"](state)
+        if compressor is None:
+            compressor = make_compressor(state.compressor, state.compression_ratio)
+        self.compressor = compressor
+        # (values, flat indices) payloads merge into one index_add_; others are packed.
+        self._sparse_payload = bool(getattr(compressor, "sparse_payload", False))
+        self._decompress_add = getattr(compressor, "decompress_add_", None)
         if memory is None:
             memory = ResidualMemory() if state.error_feedback else NoMemory()
         self.memory = memory
@@ -111,7 +125,8 @@ class SparseExchanger:
         if self.state.compression == "static" or self.signal.needs_topk:
             payloads = self._compress(named_params)
             layer_sq = torch.stack([_sq_norm(g) for g in grads]).tolist()
-            kept_sq = torch.stack([_sq_norm(values) for (values, _), _ in payloads]).tolist()
+            kept_sq = torch.stack([_sq_norm(self._kept(payload, ctx))
+                                   for payload, ctx in payloads]).tolist()
         signal = self.signal.update(StepNorms(layer_sq, kept_sq, grad_norm), epoch)
         compress_s = time.perf_counter() - started
 
@@ -132,7 +147,8 @@ class SparseExchanger:
             if payloads is None:
                 payloads = self._compress(named_params)
             compress_s += time.perf_counter() - started
-            bytes_sent, floats_sent, spent_s = self._sparse_exchange(named_params, payloads)
+            send = self._sparse_exchange if self._sparse_payload else self._payload_exchange
+            bytes_sent, floats_sent, spent_s = send(named_params, payloads)
             compress_s += spent_s
         else:
             self.memory.clear()
@@ -208,7 +224,62 @@ class SparseExchanger:
         return views
 
     def _compress(self, named_params) -> list:
-        return [self.compressor.compress(p.grad, name) for name, p in named_params]
+        payloads = [self.compressor.compress(p.grad, name) for name, p in named_params]
+        payload = payloads[0][0]
+        if not (isinstance(payload, (list, tuple)) and payload
+                and all(isinstance(t, torch.Tensor) for t in payload)):
+            raise TypeError(f"compressor {type(self.compressor).__name__}: compress() must "
+                            f"return (payload, ctx) with a payload that is a list of tensors")
+        return payloads
+
+    def _kept(self, payload, ctx) -> torch.Tensor:
+        """What this rank's payload carries of a layer (for the signals' kept norms)."""
+        if self._sparse_payload:
+            return payload[0]
+        return self.compressor.decompress(payload, ctx)
+
+    def _payload_exchange(self, named_params, payloads) -> tuple[int, int, float]:
+        """Any payload: every layer's tensors packed into one byte buffer behind a header of
+        their lengths, one allgather, then each rank's payloads decompressed and summed
+        (``decompress_add_`` in place when the compressor has it) into the other buffer,
+        whose views become the ``.grad``. Error feedback: the gradient buffer, minus what
+        this rank's payload decompresses to, keeps the residuals. Returns (bytes sent,
+        gradient-sized elements those bytes amount to, seconds spent outside the
+        collective)."""
+        started = time.perf_counter()
+        offsets = self._offsets
+        device = self._buffers[0].device
+        local = [t for payload, _ in payloads for t in payload]
+        packed = _pack(local, device)
+        # Error feedback, from the packed copy (a payload may alias the gradient itself).
+        if self.memory.keeps_residuals:
+            mine = _unpack(packed, local, [len(p) for p, _ in payloads])
+            for (name, p), payload, (_, ctx) in zip(named_params, mine, payloads):
+                self._add_decompressed(p.grad, payload, ctx, alpha=-1.0)
+                self.memory.adopt_(name, p.grad)
+        bytes_sent = packed.numel()
+        spent_s = time.perf_counter() - started
+
+        gathered = self.comm.allgather_varlen(packed)
+
+        started = time.perf_counter()
+        receive = 1 - self._grad_buffer
+        dense = self._buffers[receive].zero_()
+        views = self._views(dense, named_params, offsets)
+        counts = [len(p) for p, _ in payloads]
+        for got in gathered:
+            for view, payload, (_, ctx) in zip(views, _unpack(got, local, counts), payloads):
+                self._add_decompressed(view, payload, ctx)
+        for (_, p), view in zip(named_params, views):
+            p.grad = view
+        spent_s += time.perf_counter() - started
+        return bytes_sent, bytes_sent // dense.element_size(), spent_s
+
+    def _add_decompressed(self, out: torch.Tensor, payload, ctx, alpha: float = 1.0) -> None:
+        if self._decompress_add is not None:
+            self._decompress_add(out, payload, ctx, alpha=alpha)
+        else:
+            out.add_(self.compressor.decompress(payload, ctx).view_as(out), alpha=alpha)
 
     def _sparse_exchange(self, named_params, payloads) -> tuple[int, int, float]:
         """One allgather of every layer's (values, flat indices); the gradient buffer keeps
@@ -285,7 +356,7 @@ class SparseExchanger:
                              f"compression='none'?); this run has "
                              f"compression={self.state.compression!r}")
         saved = state["settings"]
-        for key in ("compression", "adaptive_signal", "error_feedback"):
+        for key in ("compression", "compressor", "adaptive_signal", "error_feedback"):
             if key in saved and saved[key] != getattr(self.state, key):
                 raise ValueError(f"checkpoint was written with {key}={saved[key]!r}, this run "
                                  f"has {key}={getattr(self.state, key)!r}")
@@ -293,6 +364,48 @@ class SparseExchanger:
         device = self.comm.device
         self.memory.load_state_dict(state["memory"], device=device)
         self.signal.load_state_dict(state["signal"])
+
+
+_ALIGN = 8  # bytes: every packed tensor starts at a multiple of it (any dtype views there)
+
+
+def _pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One uint8 buffer: the number of tensors and each one's length (int64), then every
+    tensor's bytes, each padded to ``_ALIGN``."""
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    header = 8 * (1 + len(tensors))
+    total = header + sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
+    packed = torch.empty(total, dtype=torch.uint8, device=device)
+    packed[:header].view(torch.int64).copy_(
+        torch.tensor([len(tensors)] + [t.numel() for t in tensors], dtype=torch.int64))
+    at = header
+    for t, n in zip(tensors, sizes):
+        if n:
+            packed[at:at + n].view(t.dtype).copy_(t.reshape(-1))
+        at += -(-n // _ALIGN) * _ALIGN
+    return packed
+
+
+def _unpack(packed: torch.Tensor, like: list[torch.Tensor],
+            counts: list[int]) -> list[list[torch.Tensor]]:
+    """A packed buffer back to one payload per layer (``counts``: tensors per layer; views,
+    no copies): tensor j takes the dtype of ``like[j]`` (this rank's) and its shape when the
+    lengths agree, else 1-D."""
+    header = packed[:8 * (1 + len(like))].view(torch.int64).tolist()
+    if header[0] != len(like):
+        raise RuntimeError(f"a rank sent {header[0]} payload tensors, this one "
+                           f"{len(like)}: every rank must run the same compressor")
+    tensors, at = [], 8 * (1 + len(like))
+    for t, numel in zip(like, header[1:]):
+        n = numel * t.element_size()
+        got = packed[at:at + n].view(t.dtype)
+        tensors.append(got.view(t.shape) if numel == t.numel() else got)
+        at += -(-n // _ALIGN) * _ALIGN
+    payloads, start = [], 0
+    for count in counts:
+        payloads.append(tensors[start:start + count])
+        start += count
+    return payloads
 
 
 def _fmt(x: float | None) -> str:

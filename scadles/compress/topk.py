@@ -142,14 +142,21 @@ _NUMPY_INDEX = {torch.int32: np.int32, torch.int64: np.int64}
 
 
 class TopKCompressor:
-    """``compress(tensor, name) -> ((values, indices), (numel, shape))``."""
+    """``compress(tensor, name) -> ((values, indices), (numel, shape))``; ``ratio`` is
+    ``--compression-ratio``.
+
+    ``sparse_payload``: the payload is (values, indices into the flattened tensor), so the
+    exchanger sends every layer's as one run of flat indices and sums them with one
+    ``index_add_`` (``exchange.py``), instead of a ``decompress_add_`` per layer and rank.
+    """
 
     name = "topk"
+    sparse_payload = True
 
-    def __init__(self, compression_ratio: float, seed: int = 0):
-        if not 0.0 < compression_ratio <= 1.0:
-            raise ValueError(f"compression_ratio must be in (0, 1], got {compression_ratio!r}")
-        self.compression_ratio = compression_ratio
+    def __init__(self, ratio: float, seed: int = 0):
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"compression_ratio must be in (0, 1], got {ratio!r}")
+        self.compression_ratio = ratio
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self._scratch = _Scratch()

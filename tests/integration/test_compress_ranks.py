@@ -5,7 +5,9 @@ mpi (``mpiexec -n 3``, through mpi4py).
 - uneven k across ranks (per-rank ratios, layers of different sizes, different weights, a
   rank without a gradient) equals the sum of each rank's Top-k of its weighted gradient;
 - the vote: ranks with different signals all take the majority path;
-- a tiny adaptive training run switches from dense to compressed when the threshold forces it.
+- a tiny adaptive training run switches from dense to compressed when the threshold forces it;
+- the general payload path (any compressor): QSGD, and a payload whose length differs across
+  ranks, equal the sum of each rank's decompressed payload.
 
 This file is also the worker: ``python test_compress_ranks.py --backend B --out DIR`` runs
 every scenario on one rank and saves what it saw to ``DIR/rank<r>.pt``; the tests compute
@@ -80,6 +82,28 @@ def grads(named) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for _, p in named]
 
 
+class ThresholdSparse:
+    """Entries with |x| >= THRESHOLD as (values, indices), with neither ``sparse_payload`` nor
+    ``decompress_add_``: the general path, with payload lengths that differ across ranks."""
+
+    THRESHOLD = 0.3
+
+    def compress(self, tensor, name):
+        flat = tensor.reshape(-1)
+        indices = (flat.abs() >= self.THRESHOLD).nonzero().squeeze(1)
+        return [flat[indices], indices], tensor.shape
+
+    def decompress(self, payload, ctx):
+        values, indices = payload
+        out = torch.zeros(ctx).reshape(-1)
+        out[indices] = values
+        return out.view(ctx)
+
+
+def qsgd_seed(rank: int) -> int:
+    return 700 + rank
+
+
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
@@ -146,6 +170,22 @@ def run_rank(backend: str, out_dir: Path) -> None:
         opt.step()
     result["tiny_params"] = [p.detach().clone() for p in model.parameters()]
     result["tiny_summary"] = ex.summary()
+
+    # 5. The general payload path: QSGD (seeded per rank), then a payload whose length
+    # differs across ranks (and is empty for the layer rank 1 has no gradient for).
+    from scadles.compress import CompressionState
+    from scadles.compress.exchange import SparseExchanger
+    from scadles.compress.qsgd import QSGDCompressor
+
+    for key, compressor in (("qsgd", QSGDCompressor(seed=qsgd_seed(rank))),
+                            ("threshold", ThresholdSparse())):
+        g = rank_grads(5, rank)
+        if rank == UNEVEN_NO_GRAD[0]:
+            g[UNEVEN_NO_GRAD[1]] = None
+        named = as_params(g)
+        ex = SparseExchanger(comm, CompressionState(compression="static"), compressor)
+        result[f"{key}_stats"] = ex.exchange(named, weight(rank), 0)
+        result[key] = grads(named)
 
     comm.barrier()
     torch.save(result, out_dir / f"rank{rank}.pt")
@@ -272,6 +312,27 @@ def test_vote_makes_every_rank_take_the_majority_path(results):
             own = kinds[res["rank"]]
             assert (stats["signal"] <= 0.3) is (own == "spiky"), stats  # signals differ
             assert_all_close(res["vote"][step]["grads"], expected)
+
+
+def test_the_general_payload_path_sums_each_ranks_decompressed_payload(results):
+    from scadles.compress.qsgd import QSGDCompressor
+
+    per_rank = [rank_grads(5, r) for r in range(WORLD_SIZE)]
+    per_rank[UNEVEN_NO_GRAD[0]][UNEVEN_NO_GRAD[1]] = None
+    for key, make in (("qsgd", lambda r: QSGDCompressor(seed=qsgd_seed(r))),
+                      ("threshold", lambda r: ThresholdSparse())):
+        expected = [torch.zeros(s) for s in SHAPES]
+        for r in range(WORLD_SIZE):
+            c = make(r)
+            for i, (g, s) in enumerate(zip(per_rank[r], SHAPES)):
+                g = torch.zeros(s) if g is None else weight(r) * g
+                expected[i] += c.decompress(*c.compress(g, f"layer{i}"))
+        sent = set()
+        for res in results:
+            assert res[f"{key}_stats"]["compressed"]
+            assert_all_close(res[key], expected)
+            sent.add(res[f"{key}_stats"]["bytes_sent"])
+        assert len(sent) == (1 if key == "qsgd" else WORLD_SIZE)  # threshold: uneven
 
 
 def test_tiny_adaptive_run_switches_and_ranks_stay_identical(results):
