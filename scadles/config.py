@@ -46,6 +46,14 @@ REF_BSZ_PER_DEVICE = 64  # the paper's per-device batch: --global-bsz defaults t
 MEASURED_STEP_GUESS_S = 10.0  # virtual clock, measured compute: a CPU step may take this long
 
 
+# --help groups the flags as Config does: each title starts at the field named, in order.
+HELP_GROUPS = {"mode": "what is trained", "rates": "streams", "lr": "optimization",
+               "clock": "time", "eval_steps": "evaluation, checkpoints, logs",
+               "compression": "compression (scadles.compress)",
+               "alpha": "data injection (scadles.inject)", "hosts": "where ranks run",
+               "stream_start_s": "internal"}
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the problem and the fix."""
 
@@ -258,13 +266,16 @@ def build_parser(prog: str = "python -m scadles.launch") -> argparse.ArgumentPar
     parser = _OneLineParser(prog=prog, description="ScaDLES: distributed training on "
                                                    "streaming data (scadles or ddp mode).",
                             formatter_class=DefaultsHelpFormatter)
+    group = parser
     for f in dataclasses.fields(Config):
         meta = f.metadata
+        if f.name in HELP_GROUPS:
+            group = parser.add_argument_group(HELP_GROUPS[f.name])
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         help_text = argparse.SUPPRESS if meta["hidden"] else meta["help"]
         if f.type in ("bool", bool):
             action = "store_false" if f.default else "store_true"
-            parser.add_argument(flag, dest=f.name, action=action, help=help_text)
+            group.add_argument(flag, dest=f.name, action=action, help=help_text)
             continue
         kind = meta["kind"]
         annotation = str(f.type)
@@ -283,8 +294,8 @@ def build_parser(prog: str = "python -m scadles.launch") -> argparse.ArgumentPar
                 fail(f"environment variable {meta['env']}={default!r} is not an integer; "
                      f"set it to a number or unset it")
             default = typ(default)
-        parser.add_argument(flag, dest=f.name, type=typ, default=default,
-                            metavar=f.name.upper(), help=help_text)
+        group.add_argument(flag, dest=f.name, type=typ, default=default,
+                           metavar=f.name.upper(), help=help_text)
     return parser
 
 
