@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -143,6 +144,8 @@ class Config:
     checkpoint_every: int = _opt(0, "checkpoint every N steps (0: never)")
     resume: bool = _opt(False, "continue the run in --log-dir from its last checkpoint")
     log_dir: str | None = _opt(None, "where logs go (default: <repo>/logs/<run name>)")
+    tensorboard: bool = _opt(False, "also write per-step scalars for TensorBoard under "
+                                    "LOG_DIR/tb (needs the tensorboard package)")
     # -- compression (scadles.compress) -----------------------------------------------------
     compression: str = _opt("none", "none | static | adaptive")
     compression_ratio: float = _opt(0.01, "Top-k: fraction of gradient elements sent")
@@ -544,6 +547,10 @@ def _validate_environment(cfg: Config) -> None:
         except BrokerError as e:
             raise ConfigError(f"no embedded broker to start: {e}; or set "
                               f"KAFKA_BOOTSTRAP=HOST:PORT to use a running Kafka") from None
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package, which is not "
+                          "installed: make venv (requirements.txt pins it), or drop "
+                          "--tensorboard")
     data_env = os.environ.get("SCADLES_DATA_DIR")
     if data_env and not cfg.data_dir and not Path(data_env).is_dir():
         raise ConfigError(f"SCADLES_DATA_DIR={data_env!r} is not a directory: point it at "

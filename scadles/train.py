@@ -313,7 +313,8 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
         samples_trained = rank_state.get("samples_trained", 0)
         progress.note(f"resuming at step {step} (stream time "
                       f"{shared['clock_s'] - stream_start_s:.1f} s) from {cfg.log_dir}")
-    rows = metrics.RankLog(cfg.log_dir, rank, resume_step=step if cfg.resume else None)
+    rows = metrics.RankLog(cfg.log_dir, rank, resume_step=step if cfg.resume else None,
+                           tensorboard=cfg.tensorboard)
 
     streams = device_streams(cfg, train_set) if cfg.source == "inprocess" else None
     buffer = StreamBuffer(open_source(cfg, info, rank, train_set, start_offset, streams),
