@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -70,6 +71,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def say(message: str) -> None:
     print(f"launch: {message}", flush=True)
+
+
+def report_command(log_dir: str | Path) -> str:
+    """The one command that makes a run's plots and report.md (in LOG_DIR/report); what
+    ``make report`` runs for the latest run."""
+    log_dir = Path(log_dir)
+    return (f"{shlex.quote(sys.executable)} -m scadles.report {shlex.quote(str(log_dir))} "
+            f"--out {shlex.quote(str(log_dir / 'report'))}")
 
 
 def time_model(cfg: Config) -> dict:
@@ -366,6 +375,7 @@ class Launcher:
                     return self._report_failure([(log_name[:-4], proc, code)])
             if all(_exit_status(p) == 0 for _, p in ranks):
                 say(f"done; logs in {self.log_dir}")
+                say(f"plots: {report_command(self.log_dir)}")
                 return 0
             time.sleep(0.2)
 
