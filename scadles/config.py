@@ -96,6 +96,12 @@ class Config:
                                  env="KAFKA_BOOTSTRAP")
     topic_prefix: str | None = _opt(None, "device topics are PREFIX<rank> (default: trainer-, "
                                           "run-unique on an external broker)")
+    kafka_config: str | None = _opt(None, "FILE of Kafka client settings, key=value per line "
+                                          "(SASL/SSL, timeouts: streamsim.kafkaconfig), for "
+                                          "every client (default: $KAFKA_CONFIG)",
+                                    env="KAFKA_CONFIG")
+    replication_factor: int = _opt(1, "replicas of each topic the run creates (an external "
+                                      "cluster may want 3)")
     # -- optimization ---------------------------------------------------------------------
     lr: float = _opt(0.1, "base learning rate (for a global batch of --global-bsz)")
     momentum: float = _opt(0.9, "SGD momentum")
@@ -375,7 +381,15 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
         raise ConfigError(f"unknown --partition {cfg.partition!r}; use iid, noniid or "
                           f"dirichlet:ALPHA with ALPHA > 0")
 
+    if cfg.kafka_config:
+        from streamsim.kafkaconfig import load_client_config
+
+        try:
+            load_client_config(cfg.kafka_config)
+        except ValueError as e:
+            raise ConfigError(f"{e} (KAFKA_CONFIG / --kafka-config)") from None
     positive_ints = dict(world_size=cfg.world_size, train_bsz=cfg.train_bsz,
+                         replication_factor=cfg.replication_factor,
                          max_train_bsz=cfg.max_train_bsz, buffer_capacity=cfg.buffer_capacity,
                          image_size=cfg.image_size)
     if cfg.global_bsz is not None:
@@ -584,6 +598,8 @@ def resolve(cfg: Config) -> None:
     if cfg.log_dir is None:
         cfg.log_dir = str(REPO / "logs" / f"{cfg.model_name}-{cfg.mode}-{cfg.run_id}")
     cfg.log_dir = str(Path(cfg.log_dir).resolve())
+    if cfg.kafka_config:  # every process reads it, and the launcher starts them in <repo>
+        cfg.kafka_config = str(Path(cfg.kafka_config).resolve())
     if cfg.topic_prefix is None:
         # A private embedded broker holds only this run; an external one is shared.
         cfg.topic_prefix = f"trainer-{cfg.run_id}-" if cfg.bootstrap else "trainer-"

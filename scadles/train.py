@@ -54,6 +54,7 @@ from scadles.optim import SGD
 from streamsim import logsetup
 from streamsim.broker import BrokerUnreachable
 from streamsim.datasets import DatasetError, load_dataset
+from streamsim.kafkaconfig import load_client_config
 from streamsim.record import VIRTUAL_EPOCH_S
 
 FAIL_EXIT = 17  # exit status of the --fail-at-step test hook
@@ -106,7 +107,7 @@ def open_source(cfg: Config, info: dict, device: int, train_set, start, streams=
     return KafkaSource(cfg.bootstrap, f"{prefix}{device}",
                        group or f"{prefix}trainer-{device}", device,
                        num_classes=train_set.num_classes, sample_shape=train_set.sample_shape,
-                       start=start)
+                       start=start, consumer_settings=load_client_config(cfg.kafka_config))
 
 
 def make_injector(cfg: Config, rank: int, info: dict, train_set, streams):

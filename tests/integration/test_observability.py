@@ -15,7 +15,7 @@ import pytest
 from scadles.metrics import read_rows
 
 REPO = Path(__file__).resolve().parents[2]
-# TensorBoard's event reader still uses a deprecated importlib.resources call
+# kafka-python loads its protocol schemas through a deprecated importlib.resources call
 pytestmark = pytest.mark.filterwarnings("ignore:open_text is deprecated:DeprecationWarning")
 
 

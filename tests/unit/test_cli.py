@@ -64,7 +64,7 @@ def test_console_scripts_cover_the_tools():
     targets = set(_console_scripts().values())
     assert {t.split(":")[0] for t in targets} == {
         "scadles.launch", "scadles.report", "streamsim.broker", "streamsim.produce",
-        "streamsim.inspect"}
+        "streamsim.inspect", "streamsim.topics"}
 
 
 @pytest.mark.parametrize("name", sorted(_console_scripts()))
