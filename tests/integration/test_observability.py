@@ -108,3 +108,22 @@ def test_make_report_makes_the_plots_of_the_latest_run(run, tmp_path):
     empty = subprocess.run(["make", "-s", "report", f"LOGS={tmp_path}", f"PY={sys.executable}"],
                            env=repo_env(), cwd=REPO, capture_output=True, text=True)
     assert empty.returncode != 0 and "no run in" in empty.stdout
+
+
+def test_a_resumed_run_drops_the_scalars_after_its_checkpoint(tmp_path):
+    """Steps after the checkpoint were rolled back: TensorBoard shows each step once, with
+    the values the run logs keep."""
+    args = ["--world-size", "2", "--rates", "10,30", "--clock", "virtual", "--compute-model",
+            "fixed:0.5", "--eval-steps", "2", "--eval-samples", "100", "--source",
+            "inprocess", "--log-dir", str(tmp_path), "--tensorboard", "--checkpoint-every", "2"]
+    for extra in (["--max-steps", "3"], ["--max-steps", "5", "--resume"]):
+        proc = subprocess.run([sys.executable, "-m", "scadles.launch", *args, *extra],
+                              env=repo_env(), cwd=REPO, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    group = scalars(tmp_path / "tb" / "group")
+    rows = read_rows(tmp_path, 0, "train")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert group["group/global_bsz"] == [(r["step"], r["global_bsz"]) for r in rows]
+    assert [s for s, _ in group["eval/top1"]] == [r["step"] for r in
+                                                 read_rows(tmp_path, 0, "eval")] == [2, 4, 5]
