@@ -388,6 +388,11 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
             load_client_config(cfg.kafka_config)
         except ValueError as e:
             raise ConfigError(f"{e} (KAFKA_CONFIG / --kafka-config)") from None
+        if cfg.source == "kafka" and not cfg.bootstrap:
+            raise ConfigError(f"--kafka-config/KAFKA_CONFIG {cfg.kafka_config} is for an "
+                              f"external Kafka, but none is given: set KAFKA_BOOTSTRAP "
+                              f"(--bootstrap), or unset KAFKA_CONFIG for the embedded broker "
+                              f"(plain connections on loopback)")
     positive_ints = dict(world_size=cfg.world_size, train_bsz=cfg.train_bsz,
                          replication_factor=cfg.replication_factor,
                          max_train_bsz=cfg.max_train_bsz, buffer_capacity=cfg.buffer_capacity,

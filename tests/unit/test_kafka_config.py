@@ -111,3 +111,19 @@ def test_replication_factor_must_be_positive(capsys):
         parse_args(["--replication-factor", "0", "--source", "inprocess"])
     assert exit_info.value.code == 2
     assert "--replication-factor 0: must be a positive integer" in capsys.readouterr().err
+
+
+def test_kafka_config_without_an_external_broker_is_one_line_and_exit_2(tmp_path, capsys,
+                                                                        monkeypatch):
+    """The embedded broker takes plain loopback connections: SASL/SSL settings meant for a
+    cluster would only make its clients hang."""
+    monkeypatch.delenv("KAFKA_BOOTSTRAP", raising=False)
+    path = tmp_path / "kafka.conf"
+    path.write_text("security_protocol=SASL_SSL\n")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--kafka-config", str(path)], check_environment=False)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is for an external Kafka" in err
+    assert parse_args(["--kafka-config", str(path), "--bootstrap", "kafka.example:9093"],
+                      check_environment=False).kafka_config == str(path)
