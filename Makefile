@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv data test demo bench broker-stop clean
+.PHONY: venv data test demo report bench broker-stop clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,15 @@ test: venv data
 
 demo: venv data
 	bash execution_scripts/demo.sh
+
+# Plots and report.md for the latest run under $(LOGS) (the one whose run.json changed last),
+# in its report/ folder: what the demo's last line says to run.
+LOGS ?= logs
+report:
+	@run=$$(ls -td $(LOGS)/*/run.json 2>/dev/null | head -n 1); \
+	if [ -z "$$run" ]; then echo "no run in $(LOGS)/: make demo first"; exit 2; fi; \
+	run=$$(dirname "$$run"); \
+	$(PY) -m scadles.report "$$run" --out "$$run/report"
 
 bench: venv data
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

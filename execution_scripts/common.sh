@@ -11,8 +11,10 @@
 #     broker unless KAFKA_BOOTSTRAP is set, the producer and the ranks, and stops all of them
 #     on exit, failure or Ctrl-C.
 # Extra launcher flags: pass them to the script (`bash streamsim_vgg19.sh --eval-steps 10`)
-# or in EXTRA_ARGS. Booleans: RESUME=1, DOWNLOAD=1, ERROR_FEEDBACK=0, STEP_WHEN_FULL=1 (any
-# other value is one line and exit 2, as the launcher treats a bad flag).
+# or in EXTRA_ARGS. Booleans: RESUME=1, DOWNLOAD=1, ERROR_FEEDBACK=0, STEP_WHEN_FULL=1,
+# TENSORBOARD=1 (any other value is one line and exit 2, as the launcher treats a bad flag).
+# An external Kafka: KAFKA_BOOTSTRAP=HOST:PORT, KAFKA_CONFIG=FILE (client settings: SASL/SSL),
+# REPLICATION_FACTOR=N.
 
 set -euo pipefail
 
@@ -24,7 +26,8 @@ SCADLES_PARAMS=(
   mode:--mode backend:--backend model:--model-name dataset:--dataset data_dir:--data-dir
   image_size:--image-size partition:--partition world_size:--world-size seed:--seed
   rates:--rates rate_schedule:--rate-schedule arrivals:--arrivals duration_s:--duration-s
-  source:--source topic_prefix:--topic-prefix
+  source:--source topic_prefix:--topic-prefix kafka_config:--kafka-config
+  replication_factor:--replication-factor
   lr:--lr momentum:--momentum weight_decay:--weight-decay gamma:--gamma milestones:--milestones
   global_bsz:--global-bsz train_bsz:--train-bsz min_train_bsz:--min-train-bsz
   max_train_bsz:--max-train-bsz window_s:--window-s policy:--policy
@@ -89,7 +92,7 @@ _check_boolean() {  # NAME: a boolean setting is 0, 1 or unset
 
 run_scadles() {
   local pair name env_name
-  for name in RESUME DOWNLOAD ERROR_FEEDBACK STEP_WHEN_FULL; do
+  for name in RESUME DOWNLOAD ERROR_FEEDBACK STEP_WHEN_FULL TENSORBOARD; do
     _check_boolean "$name"
   done
   for pair in "${SCADLES_PARAMS[@]}"; do  # parameters the script left unset: environment
@@ -120,6 +123,7 @@ run_scadles() {
   [ "${DOWNLOAD:-0}" = 1 ] && args+=(--download)
   [ "${ERROR_FEEDBACK:-${error_feedback:-1}}" = 0 ] && args+=(--no-error-feedback)
   [ "${STEP_WHEN_FULL:-${step_when_full:-0}}" = 1 ] && args+=(--step-when-full)
+  [ "${TENSORBOARD:-${tensorboard:-0}}" = 1 ] && args+=(--tensorboard)
   local -a extra=()
   [ -n "${EXTRA_ARGS:-}" ] && read -ra extra <<< "$EXTRA_ARGS"
 

@@ -2,7 +2,8 @@
 # `make demo`: a short real run. 4 devices stream Fashion-MNIST at rates drawn from the paper's
 # S10 distribution through a real (embedded, or KAFKA_BOOTSTRAP's) Kafka broker; 4 ranks
 # train a small CNN with ScaDLES on a virtual clock (a modelled step time, so it takes a few
-# minutes on 2 CPU cores and gives the same numbers everywhere), then print the summary.
+# minutes on 2 CPU cores and gives the same numbers everywhere), then print the summary and,
+# last, the one command that makes the run's plots (`make report` runs it for the latest run).
 # Every parameter can be overridden from the environment, as in the other scripts.
 mode="${MODE:-scadles}"
 backend="${BACKEND:-gloo}"

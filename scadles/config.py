@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -44,6 +45,14 @@ INJECT_WEIGHTS = ("all", "local")
 RANK_STARTS = ("auto", "fork", "spawn")
 REF_BSZ_PER_DEVICE = 64  # the paper's per-device batch: --global-bsz defaults to 64 x W
 MEASURED_STEP_GUESS_S = 10.0  # virtual clock, measured compute: a CPU step may take this long
+
+
+# --help groups the flags as Config does: each title starts at the field named, in order.
+HELP_GROUPS = {"mode": "what is trained", "rates": "streams", "lr": "optimization",
+               "clock": "time", "eval_steps": "evaluation, checkpoints, logs",
+               "compression": "compression (scadles.compress)",
+               "alpha": "data injection (scadles.inject)", "hosts": "where ranks run",
+               "stream_start_s": "internal"}
 
 
 class ConfigError(ValueError):
@@ -88,6 +97,12 @@ class Config:
                                  env="KAFKA_BOOTSTRAP")
     topic_prefix: str | None = _opt(None, "device topics are PREFIX<rank> (default: trainer-, "
                                           "run-unique on an external broker)")
+    kafka_config: str | None = _opt(None, "FILE of Kafka client settings, key=value per line "
+                                          "(SASL/SSL, timeouts: streamsim.kafkaconfig), for "
+                                          "every client (default: $KAFKA_CONFIG)",
+                                    env="KAFKA_CONFIG")
+    replication_factor: int = _opt(1, "replicas of each topic the run creates (an external "
+                                      "cluster may want 3)")
     # -- optimization ---------------------------------------------------------------------
     lr: float = _opt(0.1, "base learning rate (for a global batch of --global-bsz)")
     momentum: float = _opt(0.9, "SGD momentum")
@@ -136,6 +151,8 @@ class Config:
     checkpoint_every: int = _opt(0, "checkpoint every N steps (0: never)")
     resume: bool = _opt(False, "continue the run in --log-dir from its last checkpoint")
     log_dir: str | None = _opt(None, "where logs go (default: <repo>/logs/<run name>)")
+    tensorboard: bool = _opt(False, "also write per-step scalars for TensorBoard under "
+                                    "LOG_DIR/tb (needs the tensorboard package)")
     # -- compression (scadles.compress) -----------------------------------------------------
     compression: str = _opt("none", "none | static | adaptive")
     compressor: str = _opt("topk", "what --compression static/adaptive sends: topk | qsgd | "
@@ -262,13 +279,16 @@ def build_parser(prog: str = "python -m scadles.launch") -> argparse.ArgumentPar
     parser = _OneLineParser(prog=prog, description="ScaDLES: distributed training on "
                                                    "streaming data (scadles or ddp mode).",
                             formatter_class=DefaultsHelpFormatter)
+    group = parser
     for f in dataclasses.fields(Config):
         meta = f.metadata
+        if f.name in HELP_GROUPS:
+            group = parser.add_argument_group(HELP_GROUPS[f.name])
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         help_text = argparse.SUPPRESS if meta["hidden"] else meta["help"]
         if f.type in ("bool", bool):
             action = "store_false" if f.default else "store_true"
-            parser.add_argument(flag, dest=f.name, action=action, help=help_text)
+            group.add_argument(flag, dest=f.name, action=action, help=help_text)
             continue
         kind = meta["kind"]
         annotation = str(f.type)
@@ -287,8 +307,8 @@ def build_parser(prog: str = "python -m scadles.launch") -> argparse.ArgumentPar
                 fail(f"environment variable {meta['env']}={default!r} is not an integer; "
                      f"set it to a number or unset it")
             default = typ(default)
-        parser.add_argument(flag, dest=f.name, type=typ, default=default,
-                            metavar=f.name.upper(), help=help_text)
+        group.add_argument(flag, dest=f.name, type=typ, default=default,
+                           metavar=f.name.upper(), help=help_text)
     return parser
 
 
@@ -360,7 +380,20 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
         raise ConfigError(f"unknown --partition {cfg.partition!r}; use iid, noniid or "
                           f"dirichlet:ALPHA with ALPHA > 0")
 
+    if cfg.kafka_config:
+        from streamsim.kafkaconfig import load_client_config
+
+        try:
+            load_client_config(cfg.kafka_config)
+        except ValueError as e:
+            raise ConfigError(f"{e} (KAFKA_CONFIG / --kafka-config)") from None
+        if cfg.source == "kafka" and not cfg.bootstrap:
+            raise ConfigError(f"--kafka-config/KAFKA_CONFIG {cfg.kafka_config} is for an "
+                              f"external Kafka, but none is given: set KAFKA_BOOTSTRAP "
+                              f"(--bootstrap), or unset KAFKA_CONFIG for the embedded broker "
+                              f"(plain connections on loopback)")
     positive_ints = dict(world_size=cfg.world_size, train_bsz=cfg.train_bsz,
+                         replication_factor=cfg.replication_factor,
                          max_train_bsz=cfg.max_train_bsz, buffer_capacity=cfg.buffer_capacity,
                          image_size=cfg.image_size)
     if cfg.global_bsz is not None:
@@ -564,6 +597,10 @@ def _validate_environment(cfg: Config) -> None:
         except BrokerError as e:
             raise ConfigError(f"no embedded broker to start: {e}; or set "
                               f"KAFKA_BOOTSTRAP=HOST:PORT to use a running Kafka") from None
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package, which is not "
+                          "installed: make venv (requirements.txt pins it), or drop "
+                          "--tensorboard")
     data_env = os.environ.get("SCADLES_DATA_DIR")
     if data_env and not cfg.data_dir and not Path(data_env).is_dir():
         raise ConfigError(f"SCADLES_DATA_DIR={data_env!r} is not a directory: point it at "
@@ -598,6 +635,8 @@ def resolve(cfg: Config) -> None:
         model = cfg.model_name.replace(":", ".")  # a plug-in's module:callable
         cfg.log_dir = str(REPO / "logs" / f"{model}-{cfg.mode}-{cfg.run_id}")
     cfg.log_dir = str(Path(cfg.log_dir).resolve())
+    if cfg.kafka_config:  # every process reads it, and the launcher starts them in <repo>
+        cfg.kafka_config = str(Path(cfg.kafka_config).resolve())
     if cfg.topic_prefix is None:
         # A private embedded broker holds only this run; an external one is shared.
         cfg.topic_prefix = f"trainer-{cfg.run_id}-" if cfg.bootstrap else "trainer-"

@@ -60,6 +60,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -505,9 +506,13 @@ def sources_factory(cfg, device: int, dataset, streams, start_time_s: float,
     if cfg.source == "inprocess":
         pool = make_pool_stream(dataset, default_pool_rate(cfg), cfg.seed) if pooled else None
         return inprocess_sources_factory(streams, dataset, start_time_s, cfg.duration_s, pool)
+    from streamsim.kafkaconfig import load_client_config
+
     return kafka_sources_factory(cfg.bootstrap, prefix, device, dataset.num_classes,
                                  dataset.sample_shape, group_prefix=prefix,
-                                 pool_topic=cfg.pool_topic if pooled else None)
+                                 pool_topic=cfg.pool_topic if pooled else None,
+                                 consumer_settings=load_client_config(
+                                     getattr(cfg, "kafka_config", None)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,19 +521,22 @@ def sources_factory(cfg, device: int, dataset, streams, start_time_s: float,
 
 def fill_pool(bootstrap: str, dataset, topic: str, rate_per_s: float, duration_s: float,
               pace: str, seed: int, start_time_s: float | None = None,
-              arrivals: str = "even", stop: threading.Event | None = None) -> dict:
+              arrivals: str = "even", stop: threading.Event | None = None,
+              client_config: dict | None = None, replication_factor: int = 1) -> dict:
     """Stream an IID sample of ``dataset`` (``make_pool_stream``) onto ``topic`` for
     ``duration_s`` stream seconds, then an end-of-stream marker; a summary.
 
     The producer is ``streamsim.produce.produce`` with one stream on an explicit topic: the
     same records, timestamps, deadline pacing and send-failure accounting (``failed`` in the
     summary). ``stop`` (or SIGINT/SIGTERM in the main thread) ends it early; the marker is
-    still written."""
+    still written. ``client_config``: connection settings (SASL/SSL, ...);
+    ``replication_factor``: of the pool topic when it is created."""
     from streamsim.produce import produce
 
     stream = make_pool_stream(dataset, rate_per_s, seed, arrivals)
     summary = produce(bootstrap, [stream], dataset, duration_s, pace,
-                      start_time_s=start_time_s, workers=1, stop=stop, topics=[topic])
+                      start_time_s=start_time_s, workers=1, stop=stop, topics=[topic],
+                      client_config=client_config, replication_factor=replication_factor)
     return {"topic": topic, "records": summary["records"], "failed": summary["failed"],
             "stream_s": summary["stream_s"], "rate_per_s": rate_per_s, "pace": pace,
             "start_time_s": summary["start_time_s"], "elapsed_s": summary["elapsed_s"],
@@ -548,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
                                                  "shared pool topic (--inject-from pool)",
                                formatter_class=DefaultsHelpFormatter)
     fill.add_argument("--bootstrap", required=True, help="HOST:PORT of the broker")
+    fill.add_argument("--kafka-config", default=os.environ.get("KAFKA_CONFIG") or None,
+                      metavar="FILE", help="Kafka client settings, key=value per line "
+                      "(SASL/SSL: streamsim.kafkaconfig; default $KAFKA_CONFIG)")
+    fill.add_argument("--replication-factor", type=int, default=1,
+                      help="replicas of the pool topic when it is created")
     fill.add_argument("--dataset", required=True)
     fill.add_argument("--data-dir", default=None)
     fill.add_argument("--image-size", type=int, default=224, help="imagefolder only")
@@ -567,7 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     from streamsim.broker import BrokerError, BrokerUnreachable
     from streamsim.datasets import DatasetError, load_dataset
 
+    from streamsim.kafkaconfig import load_client_config
+
     try:
+        client_config = load_client_config(args.kafka_config)
         dataset = load_dataset(args.dataset, "train", args.data_dir, False, args.image_size,
                                args.seed)
     except (ValueError, DatasetError) as e:
@@ -575,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:  # SIGINT/SIGTERM stop it cleanly (produce's handlers)
         summary = fill_pool(args.bootstrap, dataset, args.topic, args.rate, args.duration,
-                            args.pace, args.seed, args.start_time, args.arrivals)
+                            args.pace, args.seed, args.start_time, args.arrivals,
+                            client_config=client_config,
+                            replication_factor=args.replication_factor)
     except ValueError as e:
         print(f"fill-pool: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -70,6 +71,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def say(message: str) -> None:
     print(f"launch: {message}", flush=True)
+
+
+def report_command(log_dir: str | Path) -> str:
+    """The one command that makes a run's plots and report.md (in LOG_DIR/report); what
+    ``make report`` runs for the latest run."""
+    log_dir = Path(log_dir)
+    return (f"{shlex.quote(sys.executable)} -m scadles.report {shlex.quote(str(log_dir))} "
+            f"--out {shlex.quote(str(log_dir / 'report'))}")
 
 
 def time_model(cfg: Config) -> dict:
@@ -209,7 +218,8 @@ class Launcher:
         cfg = self.cfg
         try:
             if cfg.bootstrap:
-                broker.check_reachable(cfg.bootstrap, timeout_s=15)
+                broker.check_reachable(cfg.bootstrap, timeout_s=15,
+                                       client_config=self.client_config)
                 say(f"external Kafka at {cfg.bootstrap}, topics {cfg.topic_prefix}0..")
             else:
                 self.broker = broker.EmbeddedBroker()
@@ -217,7 +227,9 @@ class Launcher:
                 cfg.bootstrap = self.broker.bootstrap
                 say(f"embedded broker at {cfg.bootstrap}")
             broker.create_topics(cfg.bootstrap, [f"{cfg.topic_prefix}{d}"
-                                                 for d in range(cfg.world_size)])
+                                                 for d in range(cfg.world_size)],
+                                 replication_factor=cfg.replication_factor,
+                                 client_config=self.client_config)
         except (broker.BrokerUnreachable, broker.BrokerError, ValueError) as e:
             raise SystemExit(f"launch: {e}")
 
@@ -235,6 +247,7 @@ class Launcher:
             cmd += ["--data-dir", cfg.data_dir]
         if cfg.rate_schedule:
             cmd += ["--rate-schedule", cfg.rate_schedule]
+        cmd += self._kafka_args()
         log_file = open(self.log_dir / "producer.log", "ab")
         self.producer = self._spawn("producer", cmd, self.env, stdout=log_file)
         log_file.close()
@@ -254,10 +267,23 @@ class Launcher:
                "--start-time", repr(cfg.stream_start_s), "--image-size", str(cfg.image_size)]
         if cfg.data_dir:
             cmd += ["--data-dir", cfg.data_dir]
+        cmd += self._kafka_args()
         log_file = open(self.log_dir / "pool-producer.log", "ab")
         self.pool_producer = self._spawn("pool producer", cmd, self.env, stdout=log_file)
         log_file.close()
         say(f"pool producer started on topic {cfg.pool_topic}")
+
+    def _kafka_args(self) -> list[str]:
+        """A producer's --kafka-config and --replication-factor: the run's."""
+        args = ["--replication-factor", str(self.cfg.replication_factor)]
+        return args + (["--kafka-config", self.cfg.kafka_config] if self.cfg.kafka_config
+                       else [])
+
+    @property
+    def client_config(self) -> dict:
+        from streamsim.kafkaconfig import load_client_config
+
+        return load_client_config(self.cfg.kafka_config)
 
     # -- ranks ------------------------------------------------------------------------------
 
@@ -366,6 +392,7 @@ class Launcher:
                     return self._report_failure([(log_name[:-4], proc, code)])
             if all(_exit_status(p) == 0 for _, p in ranks):
                 say(f"done; logs in {self.log_dir}")
+                say(f"plots: {report_command(self.log_dir)}")
                 return 0
             time.sleep(0.2)
 

@@ -17,10 +17,13 @@ Only this module writes run logs. A run directory holds:
   interrupted).
 - ``rank-<r>.log``: everything rank r wrote to stdout and stderr (``capture_output``), its
   log lines prefixed ``rank <r>``; ``producer.log`` likewise for the producer.
+- ``tb/``: with ``--tensorboard``, TensorBoard event files of the same rows
+  (``TensorBoardLog``: ``tb/group`` from rank 0, ``tb/device-<r>`` from each rank).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -122,9 +125,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 class RankLog:
     """Rows of one rank, appended and flushed one line at a time (a crash loses nothing
     written). ``resume_step``: drop rows of steps after the checkpoint the run resumes from
-    (they were rolled back), then mark where it continued."""
+    (they were rolled back), then mark where it continued. ``tensorboard``: the train and
+    eval rows also go to ``TensorBoardLog``."""
 
-    def __init__(self, log_dir: str | Path, rank: int, resume_step: int | None = None):
+    def __init__(self, log_dir: str | Path, rank: int, resume_step: int | None = None,
+                 tensorboard: bool = False):
+        self.board = TensorBoardLog(log_dir, rank, resume_step) if tensorboard else None
         self.path = rank_log_path(log_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
@@ -139,10 +145,74 @@ class RankLog:
     def write(self, row: dict) -> None:
         self._file.write(json.dumps(row, default=_jsonable) + "\n")
         self._file.flush()
+        if self.board is not None:
+            self.board.write(row)
 
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+# --------------------------------------------------------------------------------------------
+# TensorBoard (--tensorboard)
+# --------------------------------------------------------------------------------------------
+
+TENSORBOARD_DIR = "tb"
+# Train-row fields each rank writes as ``device/<field>`` (tb/device-<rank>), and those rank 0
+# writes for the group as ``group/<field>`` (tb/group); eval rows as ``eval/<field>``.
+TB_DEVICE_FIELDS = ("local_bsz", "loss", "bytes_sent", "wait_s", "buffer_len", "dropped",
+                    "truncated", "injected")
+TB_GROUP_FIELDS = ("global_bsz", "lr", "clock_s", "compressed", "ratio")
+TB_EVAL_FIELDS = ("top1", "top5", "loss")
+
+
+class TensorBoardLog:
+    """Per-step scalars for TensorBoard under ``LOG_DIR/tb`` (``tensorboard --logdir
+    LOG_DIR/tb``), against the step.
+
+    Every rank writes its device's scalars to ``tb/device-<rank>`` under the same tags
+    (``device/local_bsz``, ``device/loss``, ``device/bytes_sent``, ...), so TensorBoard draws
+    the devices of one tag in one chart. Rank 0 also writes the group's to ``tb/group``:
+    ``group/global_bsz``, ``group/lr``, ``group/clock_s`` (stream seconds), the exchanger's
+    ``group/compressed`` and ``group/ratio``, and at each evaluation ``eval/top1``,
+    ``eval/top5`` (percent) and ``eval/loss``. A resumed run drops what was logged after its
+    checkpoint (TensorBoard's purge step)."""
+
+    def __init__(self, log_dir: str | Path, rank: int, resume_step: int | None = None,
+                 flush_s: int = 10):
+        from torch.utils.tensorboard import SummaryWriter
+
+        root = Path(log_dir) / TENSORBOARD_DIR
+        purge = None if resume_step is None else resume_step + 1
+        self._device = SummaryWriter(str(root / f"device-{rank}"), purge_step=purge,
+                                     flush_secs=flush_s)
+        self._group = (SummaryWriter(str(root / "group"), purge_step=purge, flush_secs=flush_s)
+                       if rank == 0 else None)
+
+    def write(self, row: dict) -> None:
+        """One run-log row: a train row's scalars, or an eval row's (rank 0)."""
+        step = row.get("step")
+        if row.get("kind") == "train":
+            self._add(self._device, "device", row, TB_DEVICE_FIELDS, step)
+            self._add(self._group, "group", row, TB_GROUP_FIELDS, step)
+        elif row.get("kind") == "eval":
+            self._add(self._group, "eval", row, TB_EVAL_FIELDS, step)
+
+    @staticmethod
+    def _add(writer, prefix: str, row: dict, fields: tuple[str, ...], step: int) -> None:
+        if writer is None:
+            return
+        for name in fields:
+            value = row.get(name)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(f"{prefix}/{name}", float(value), step)
+
+    def close(self) -> None:
+        for writer in (self._device, self._group):
+            if writer is not None:
+                writer.close()
 
 
 def _jsonable(x):

@@ -54,6 +54,7 @@ from scadles.optim import SGD
 from streamsim import logsetup
 from streamsim.broker import BrokerUnreachable
 from streamsim.datasets import DatasetError, load_dataset
+from streamsim.kafkaconfig import load_client_config
 from streamsim.plugins import PluginError
 from streamsim.record import VIRTUAL_EPOCH_S
 
@@ -107,7 +108,7 @@ def open_source(cfg: Config, info: dict, device: int, train_set, start, streams=
     return KafkaSource(cfg.bootstrap, f"{prefix}{device}",
                        group or f"{prefix}trainer-{device}", device,
                        num_classes=train_set.num_classes, sample_shape=train_set.sample_shape,
-                       start=start)
+                       start=start, consumer_settings=load_client_config(cfg.kafka_config))
 
 
 def make_injector(cfg: Config, rank: int, info: dict, train_set, streams):
@@ -315,7 +316,8 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
         samples_trained = rank_state.get("samples_trained", 0)
         progress.note(f"resuming at step {step} (stream time "
                       f"{shared['clock_s'] - stream_start_s:.1f} s) from {cfg.log_dir}")
-    rows = metrics.RankLog(cfg.log_dir, rank, resume_step=step if cfg.resume else None)
+    rows = metrics.RankLog(cfg.log_dir, rank, resume_step=step if cfg.resume else None,
+                           tensorboard=cfg.tensorboard)
 
     streams = device_streams(cfg, train_set) if cfg.source == "inprocess" else None
     buffer = StreamBuffer(open_source(cfg, info, rank, train_set, start_offset, streams),

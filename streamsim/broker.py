@@ -148,18 +148,21 @@ def _quiet_kafka_logs():
         logger.setLevel(level)
 
 
-def admin_client(bootstrap: str, timeout_s: float = 10.0):
-    """A connected ``KafkaAdminClient``; raises BrokerUnreachable within ~``timeout_s``."""
+def admin_client(bootstrap: str, timeout_s: float = 10.0, client_config: dict | None = None):
+    """A connected ``KafkaAdminClient``; raises BrokerUnreachable within ~``timeout_s``.
+    ``client_config``: connection settings (``streamsim.kafkaconfig``), e.g. SASL/SSL; the
+    timeouts stay ``timeout_s``."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
     parse_bootstrap(bootstrap)
     timeout_ms = max(100, int(timeout_s * 1000))
+    settings = {"client_id": "streamsim-admin", **(client_config or {}),
+                "bootstrap_servers": bootstrap, "request_timeout_ms": timeout_ms,
+                "bootstrap_timeout_ms": timeout_ms}
     try:
         with _quiet_kafka_logs():
-            return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="streamsim-admin",
-                                    request_timeout_ms=timeout_ms,
-                                    bootstrap_timeout_ms=timeout_ms)
+            return KafkaAdminClient(**settings)
     except KafkaError as e:
         raise BrokerUnreachable(_unreachable_message(bootstrap, timeout_s)) from e
 
@@ -169,11 +172,11 @@ def _unreachable_message(bootstrap: str, timeout_s: float) -> str:
             f"{timeout_s:g} s): {FIX_HINT}")
 
 
-def _metadata_ok(bootstrap: str, timeout_s: float) -> bool:
+def _metadata_ok(bootstrap: str, timeout_s: float, client_config: dict | None = None) -> bool:
     from kafka.errors import KafkaError
 
     try:
-        admin = admin_client(bootstrap, timeout_s)
+        admin = admin_client(bootstrap, timeout_s, client_config)
     except BrokerUnreachable:
         return False
     try:
@@ -188,7 +191,8 @@ def _metadata_ok(bootstrap: str, timeout_s: float) -> bool:
 
 
 def wait_ready(bootstrap: str, timeout_s: float = START_TIMEOUT_S,
-               process: subprocess.Popen | None = None) -> None:
+               process: subprocess.Popen | None = None,
+               client_config: dict | None = None) -> None:
     """Poll metadata requests until the broker answers; BrokerUnreachable after ``timeout_s``.
     With ``process``, fail fast (BrokerError) when that broker process exits."""
     parse_bootstrap(bootstrap)
@@ -200,33 +204,39 @@ def wait_ready(bootstrap: str, timeout_s: float = START_TIMEOUT_S,
                               f"{process.returncode} before answering")
         if left_s <= 0:
             raise BrokerUnreachable(_unreachable_message(bootstrap, timeout_s))
-        if _metadata_ok(bootstrap, min(2.0, max(0.2, left_s))):
+        if _metadata_ok(bootstrap, min(2.0, max(0.2, left_s)), client_config):
             return
         time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
-def check_reachable(bootstrap: str, timeout_s: float = 10.0) -> None:
+def check_reachable(bootstrap: str, timeout_s: float = 10.0,
+                    client_config: dict | None = None) -> None:
     """Raise BrokerUnreachable (one line: the address and how to fix it) unless a broker at
     ``bootstrap`` answers a metadata request within ``timeout_s``."""
-    wait_ready(bootstrap, timeout_s)
+    wait_ready(bootstrap, timeout_s, client_config=client_config)
 
 
 def create_topics(bootstrap: str, topics: Iterable[str], partitions: int = 1,
-                  timeout_s: float = 10.0) -> None:
-    """Create ``topics`` with ``partitions`` partitions each; existing topics are fine when
-    their partition count matches (ValueError otherwise)."""
+                  timeout_s: float = 10.0, replication_factor: int = 1,
+                  client_config: dict | None = None) -> None:
+    """Create ``topics`` with ``partitions`` partitions and ``replication_factor`` replicas
+    each; existing topics are fine when their partition count matches (ValueError
+    otherwise)."""
     topics = list(dict.fromkeys(topics))
     if not topics:
         return
     if partitions < 1:
         raise ValueError(f"partitions {partitions}: must be >= 1")
+    if replication_factor < 1:
+        raise ValueError(f"replication factor {replication_factor}: must be >= 1")
     from kafka.errors import KafkaError
 
-    admin = admin_client(bootstrap, timeout_s)
+    admin = admin_client(bootstrap, timeout_s, client_config)
     try:
         with _quiet_kafka_logs():
             result = admin.create_topics(
-                {t: {"num_partitions": partitions, "replication_factor": 1} for t in topics},
+                {t: {"num_partitions": partitions, "replication_factor": replication_factor}
+                 for t in topics},
                 timeout_ms=int(timeout_s * 1000), raise_errors=False)
         failed = [(t["name"], t.get("error_code"), t.get("error_message"))
                   for t in result["topics"] if t.get("error_code") not in (0, 36)]

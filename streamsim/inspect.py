@@ -22,26 +22,28 @@ from collections import Counter
 from streamsim import record
 
 
-def _consumer(bootstrap: str, timeout_s: float):
+def _consumer(bootstrap: str, timeout_s: float, client_config: dict | None = None):
     from kafka import KafkaConsumer
 
     from streamsim.broker import _quiet_kafka_logs
 
+    settings = {**(client_config or {}), "bootstrap_servers": bootstrap, "group_id": None,
+                "enable_auto_commit": False, "auto_offset_reset": "earliest",
+                "allow_auto_create_topics": False, "check_crcs": True,
+                "max_partition_fetch_bytes": 8 << 20, "fetch_max_bytes": 64 << 20,
+                "max_poll_records": 5000, "fetch_max_wait_ms": 100,
+                "request_timeout_ms": int(max(timeout_s, 5) * 1000) + 1000,
+                "bootstrap_timeout_ms": int(timeout_s * 1000)}
     with _quiet_kafka_logs():
-        return KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                             enable_auto_commit=False, auto_offset_reset="earliest",
-                             allow_auto_create_topics=False, check_crcs=True,
-                             max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
-                             max_poll_records=5000, fetch_max_wait_ms=100,
-                             request_timeout_ms=int(max(timeout_s, 5) * 1000) + 1000,
-                             bootstrap_timeout_ms=int(timeout_s * 1000))
+        return KafkaConsumer(**settings)
 
 
-def topic_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[int]:
+def topic_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0,
+                     client_config: dict | None = None) -> list[int]:
     """Partition ids of ``topic``; ValueError when it does not exist."""
     from streamsim.broker import admin_client
 
-    admin = admin_client(bootstrap, timeout_s)
+    admin = admin_client(bootstrap, timeout_s, client_config)
     try:
         described = admin.describe_topics([topic])
     finally:
@@ -55,22 +57,23 @@ def topic_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> lis
 
 def inspect_topic(bootstrap: str, topic: str, num_classes: int | None = None,
                   expect_device: int | None = None, idle_s: float = 1.0,
-                  timeout_s: float = 600.0, probe_s: float = 10.0) -> dict:
+                  timeout_s: float = 600.0, probe_s: float = 10.0,
+                  client_config: dict | None = None) -> dict:
     """Read ``topic`` from the beginning and summarize it (see the module docstring).
 
     ``num_classes`` enables the label-range check; the expected shape and device are those
     of the first valid sample unless ``expect_device`` is given. ``timeout_s`` bounds the
     whole read (``complete`` is False when it ran out); BrokerUnreachable when no broker
-    answers within ``probe_s``.
+    answers within ``probe_s``. ``client_config``: connection settings (SASL/SSL, ...).
     """
     from kafka import TopicPartition
 
     from streamsim.broker import check_reachable
 
-    check_reachable(bootstrap, timeout_s=probe_s)
-    parts = topic_partitions(bootstrap, topic)
+    check_reachable(bootstrap, timeout_s=probe_s, client_config=client_config)
+    parts = topic_partitions(bootstrap, topic, client_config=client_config)
     tps = [TopicPartition(topic, p) for p in parts]
-    consumer = _consumer(bootstrap, 10.0)
+    consumer = _consumer(bootstrap, 10.0, client_config)
     labels: Counter = Counter()
     malformed: Counter = Counter()
     devices: Counter = Counter()
@@ -209,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP"),
                         help="HOST:PORT of the broker (default $KAFKA_BOOTSTRAP)")
+    parser.add_argument("--kafka-config", default=os.environ.get("KAFKA_CONFIG") or None,
+                        metavar="FILE", help="Kafka client settings, key=value per line "
+                        "(SASL/SSL: streamsim.kafkaconfig; default $KAFKA_CONFIG)")
     parser.add_argument("--topic", required=True)
     parser.add_argument("--num-classes", type=int, default=None,
                         help="check labels are in [0, N)")
@@ -226,9 +232,17 @@ def main(argv: list[str] | None = None) -> int:
         print("inspect: no broker address: pass --bootstrap HOST:PORT or set KAFKA_BOOTSTRAP",
               file=sys.stderr)
         return 2
+    from streamsim.kafkaconfig import load_client_config
+
+    try:
+        client_config = load_client_config(args.kafka_config)
+    except ValueError as e:
+        print(f"inspect: {e}", file=sys.stderr)
+        return 2
     try:
         summary = inspect_topic(args.bootstrap, args.topic, args.num_classes, args.device,
-                                args.idle_s, args.timeout_s, probe_s=CLI_PROBE_S)
+                                args.idle_s, args.timeout_s, probe_s=CLI_PROBE_S,
+                                client_config=client_config)
     except BrokerUnreachable as e:
         print(f"inspect: {e}", file=sys.stderr)
         return 1

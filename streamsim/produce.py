@@ -518,7 +518,8 @@ def produce(bootstrap: str, streams: Sequence, dataset, duration_s: float, pace:
             topic_prefix: str = DEFAULT_TOPIC_PREFIX, start_time_s: float | None = None, *,
             eos: bool = True, workers: int | None = 1, create: bool = True,
             stop: threading.Event | None = None, progress: bool = False,
-            producer_config: dict | None = None, topics: Sequence[str] | None = None) -> dict:
+            producer_config: dict | None = None, topics: Sequence[str] | None = None,
+            client_config: dict | None = None, replication_factor: int = 1) -> dict:
     """Produce ``streams`` (``DeviceStream``s) for ``duration_s`` of stream time; a summary.
 
     ``pace``: ``realtime`` (sleep to the wall clock) or ``virtual`` (as fast as possible).
@@ -526,7 +527,9 @@ def produce(bootstrap: str, streams: Sequence, dataset, duration_s: float, pace:
     for virtual). ``workers``: producer processes (None: by aggregate rate). ``stop``: an
     event that ends the run early (SIGINT/SIGTERM do too, in the main thread); EOS markers
     are written either way unless ``eos`` is False. ``topics``: one topic per stream, in
-    place of ``<topic_prefix><device>``. Raises BrokerUnreachable.
+    place of ``<topic_prefix><device>``. ``client_config``: connection settings for every
+    client (``streamsim.kafkaconfig``: SASL/SSL, ...); ``replication_factor``: of the topics
+    it creates. Raises BrokerUnreachable.
     """
     if pace not in PACES:
         raise ValueError(f"pace {pace!r}: use one of {', '.join(PACES)}")
@@ -543,9 +546,11 @@ def produce(bootstrap: str, streams: Sequence, dataset, duration_s: float, pace:
                 for i, s in enumerate(streams)}
     from streamsim import broker
 
-    broker.check_reachable(bootstrap, timeout_s=10)
+    broker.check_reachable(bootstrap, timeout_s=10, client_config=client_config)
     if create:
-        broker.create_topics(bootstrap, list(topic_of.values()))
+        broker.create_topics(bootstrap, list(topic_of.values()),
+                             replication_factor=replication_factor, client_config=client_config)
+    producer_config = {**(client_config or {}), **(producer_config or {})}
     sample_bytes = int(np.prod(dataset.sample_shape))
     if workers is None:
         workers = default_workers(streams, duration_s, sample_bytes)
@@ -773,6 +778,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP"),
                         help="HOST:PORT of the broker (default $KAFKA_BOOTSTRAP)")
+    parser.add_argument("--kafka-config", default=os.environ.get("KAFKA_CONFIG") or None,
+                        metavar="FILE", help="Kafka client settings, key=value per line "
+                        "(SASL/SSL: streamsim.kafkaconfig; default $KAFKA_CONFIG)")
+    parser.add_argument("--replication-factor", type=int, default=1,
+                        help="replicas of each topic it creates")
     parser.add_argument("--dataset", required=True,
                         help="cifar10, cifar100, fashion-mnist, imagefolder, synthetic or "
                              "MODULE:CALLABLE (a plug-in on PYTHONPATH)")
@@ -831,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamsim.broker import (CLI_PROBE_S, BrokerError, BrokerUnreachable,
                                   check_reachable, parse_bootstrap)
     from streamsim.datasets import DatasetError, dataset_loader, load_dataset
+    from streamsim.kafkaconfig import load_client_config
 
     logsetup.configure("produce")
 
@@ -849,12 +860,15 @@ def main(argv: list[str] | None = None) -> int:
         make_schedules(args.rates, args.world_size, args.seed, args.rate_schedule)  # fail fast
         parse_scheme(args.partition)
         devices = _parse_devices(args.devices, args.world_size)
+        client_config = load_client_config(args.kafka_config)
+        if args.replication_factor < 1:
+            raise ValueError(f"--replication-factor {args.replication_factor}: must be >= 1")
         dataset_loader(args.dataset)  # a built-in name or an importable module:callable
     except ValueError as e:
         print(f"produce: {e}", file=sys.stderr)
         return 2
     try:  # before loading data, so an unreachable broker is reported promptly
-        check_reachable(args.bootstrap, timeout_s=CLI_PROBE_S)
+        check_reachable(args.bootstrap, timeout_s=CLI_PROBE_S, client_config=client_config)
     except BrokerUnreachable as e:
         print(f"produce: {e}", file=sys.stderr)
         return 1
@@ -869,7 +883,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = produce(args.bootstrap, streams, dataset, args.duration, args.pace,
                           args.topic_prefix, args.start_time, eos=not args.no_eos,
-                          workers=workers, progress=not args.quiet and not args.json)
+                          workers=workers, progress=not args.quiet and not args.json,
+                          client_config=client_config,
+                          replication_factor=args.replication_factor)
     except (BrokerUnreachable, BrokerError, RuntimeError) as e:  # SendFailed included
         print(f"produce: {e}", file=sys.stderr, flush=True)
         return 1

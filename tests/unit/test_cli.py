@@ -64,7 +64,7 @@ def test_console_scripts_cover_the_tools():
     targets = set(_console_scripts().values())
     assert {t.split(":")[0] for t in targets} == {
         "scadles.launch", "scadles.report", "streamsim.broker", "streamsim.produce",
-        "streamsim.inspect"}
+        "streamsim.inspect", "streamsim.topics"}
 
 
 @pytest.mark.parametrize("name", sorted(_console_scripts()))
@@ -74,3 +74,28 @@ def test_console_script_runs_the_module_on_sys_argv(monkeypatch, capsys, name):
     module, func = _console_scripts()[name].split(":")
     text = _help_of(monkeypatch, capsys, module, func, [])
     assert text.startswith(f"usage: python -m {module}")
+
+
+def test_launch_help_groups_flags_as_config_sections_do(monkeypatch, capsys):
+    """Each ``# -- title --`` section of Config is a --help group holding that section's
+    flags, in order; the internal section shows nothing."""
+    import re
+
+    from scadles.config import HELP_GROUPS
+
+    source = (REPO / "scadles" / "config.py").read_text()
+    body = source[source.index("class Config:"):source.index("# -- derived")]
+    sections = re.findall(r"# -- ([^-\n]+?) -+\n\s+(\w+):", body)
+    assert [(HELP_GROUPS[f], f) for _, f in sections] == [(t.split(":")[0], f)
+                                                         for t, f in sections]
+    monkeypatch.setattr("streamsim.logsetup.configure", lambda *a, **k: None)
+    monkeypatch.setattr(sys, "argv", ["scadles.launch", "--help"])
+    with pytest.raises(SystemExit):
+        importlib.import_module("scadles.launch").main()
+    text = capsys.readouterr().out
+    titles = [t for t in HELP_GROUPS.values() if t != "internal"]
+    positions = [text.index(f"\n{t}:\n") for t in titles]
+    assert positions == sorted(positions)
+    assert "internal:" not in text and "--stream-start-s" not in text
+    between = text[text.index("\nstreams:\n"):text.index("\noptimization:\n")]
+    assert "--rates RATES" in between and "--bootstrap" in between and "--lr" not in between
