@@ -69,6 +69,20 @@ def test_grid_blocks_pair_runs_by_cell_and_seed_and_predict():
     assert 0 < float(low) <= float(high)
 
 
+def test_fig6_cell_the_paper_does_not_show_gets_no_verdict():
+    ddp = record([(1, 10.0, 50.0), (2, 20.0, 76.0)], mode="ddp")
+    slow = record([(1, 30.0, 60.0), (2, 40.0, 77.0)])
+    text = results.block_grid_fig6({"grid/vgg19-S20-ddp-seed0": ddp,
+                                    "grid/vgg19-S20-fig6-seed0": slow})
+    row = next(line for line in text.splitlines() if line.startswith("| S20 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[8] == "not shown" and cells[-1] == "no claim (ddp faster)"
+    fast = record([(1, 5.0, 60.0), (2, 10.0, 77.0)])
+    text = results.block_grid_fig6({"grid/vgg19-S20-ddp-seed0": ddp,
+                                    "grid/vgg19-S20-fig6-seed0": fast})
+    assert "| no claim (ScaDLES faster) |" in text
+
+
 def test_render_verify_and_unknown_blocks(tmp_path):
     folder = tmp_path / "results" / "window"
     folder.mkdir(parents=True)
