@@ -110,12 +110,7 @@ def model_builder(name: str) -> Callable[[int, int, int], nn.Module]:
     """The constructor of ``name``: a key of ``MODELS``, or a plug-in ``module:callable``
     taking ``(num_classes, in_channels, image_size)`` (imported here; ``PluginError``, a
     ValueError, when it cannot be)."""
-    if plugins.is_import_path(name):
-        return plugins.load_object(name, "--model-name")
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)} or "
-                         f"MODULE:CALLABLE")
-    return MODELS[name]
+    return plugins.resolve(name, MODELS, "--model-name", "unknown model", "MODULE:CALLABLE")
 
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int,

@@ -347,12 +347,7 @@ _LOADED: dict[tuple, ArrayDataset] = {}
 def dataset_loader(name: str) -> Callable[..., ArrayDataset]:
     """The loader of ``name``: a key of ``DATASETS``, or a plug-in ``module:callable``
     (imported here; ``plugins.PluginError``, a ValueError, when it cannot be)."""
-    if plugins.is_import_path(name):
-        return plugins.load_object(name, "--dataset")
-    if name not in DATASETS:
-        raise ValueError(f"dataset {name!r}: use one of {', '.join(DATASETS)} or "
-                         f"MODULE:CALLABLE")
-    return DATASETS[name]
+    return plugins.resolve(name, DATASETS, "--dataset", "unknown dataset", "MODULE:CALLABLE")
 
 
 def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = None,

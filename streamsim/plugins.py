@@ -44,6 +44,16 @@ def load_object(spec: str, flag: str) -> object:
     return obj
 
 
+def resolve(spec: str, registry: dict, flag: str, unknown: str, plugin: str) -> object:
+    """``registry[spec]`` for a built-in name, the imported object for ``module:name``;
+    ValueError ``"<unknown> <spec>; use one of <names> or <plugin>"`` for any other name."""
+    if is_import_path(spec):
+        return load_object(spec, flag)
+    if spec not in registry:
+        raise ValueError(f"{unknown} {spec!r}; use one of {', '.join(registry)} or {plugin}")
+    return registry[spec]
+
+
 def call(obj, spec: str, flag: str, *args, **kwargs):
     """``obj(*args, **kwargs)``, any exception it raises turned into a one-line PluginError."""
     try:

@@ -61,12 +61,8 @@ COMPRESSORS: dict[str, type] = {
 def compressor_class(spec: str) -> type:
     """The class ``spec`` names: a key of ``COMPRESSORS`` or ``module:Class`` (imported;
     ``plugins.PluginError``, a ValueError, when it cannot be)."""
-    if plugins.is_import_path(spec):
-        return plugins.load_object(spec, "--compressor")
-    if spec not in COMPRESSORS:
-        raise ValueError(f"unknown --compressor {spec!r}; use one of "
-                         f"{', '.join(COMPRESSORS)} or MODULE:CLASS")
-    return COMPRESSORS[spec]
+    return plugins.resolve(spec, COMPRESSORS, "--compressor", "unknown --compressor",
+                           "MODULE:CLASS")
 
 
 def takes_ratio(cls) -> bool:

@@ -16,26 +16,9 @@ from scadles.compress.exchange import SparseExchanger
 from scadles.compress.identity import IdentityCompressor
 from scadles.compress.memory import NoMemory, ResidualMemory
 from scadles.compress.topk import TopKCompressor, index_dtype, topk_k
+from tests.doubles import OneRankComm, named
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 sums of a few dozen terms in a different order
-
-
-class OneRankComm:
-    """A world of one: collectives return their input (what a one-rank group does)."""
-
-    rank, world_size, device = 0, 1, torch.device("cpu")
-
-    def allreduce_(self, tensor, op="sum"):
-        return tensor
-
-    def allgather_varlen(self, tensor):
-        return [tensor.clone()]
-
-
-def named(*shapes, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [(f"layer{i}", torch.nn.Parameter(torch.randn(s, generator=gen)))
-            for i, s in enumerate(shapes)]
 
 
 # -- compressors ------------------------------------------------------------------------------

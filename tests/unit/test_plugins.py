@@ -18,6 +18,7 @@ from scadles.config import parse_args
 from scadles.models import build_model
 from streamsim.datasets import ArrayDataset, load_dataset
 from streamsim.plugins import PluginError, load_object
+from tests.doubles import OneRankComm, named
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 RTOL, ATOL = 1e-5, 1e-6
@@ -31,21 +32,6 @@ def plugins_on_path(monkeypatch):
     for name in ("KAFKA_BOOTSTRAP", "SCADLES_DATA_DIR"):
         monkeypatch.delenv(name, raising=False)
 
-
-class OneRankComm:
-    rank, world_size, device = 0, 1, torch.device("cpu")
-
-    def allreduce_(self, tensor, op="sum"):
-        return tensor
-
-    def allgather_varlen(self, tensor):
-        return [tensor.clone()]
-
-
-def named(*shapes, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [(f"layer{i}", torch.nn.Parameter(torch.randn(s, generator=gen)))
-            for i, s in enumerate(shapes)]
 
 
 # -- resolution -------------------------------------------------------------------------------
