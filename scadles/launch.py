@@ -29,6 +29,7 @@ environment are left alone.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -279,7 +280,7 @@ class Launcher:
         return args + (["--kafka-config", self.cfg.kafka_config] if self.cfg.kafka_config
                        else [])
 
-    @property
+    @functools.cached_property
     def client_config(self) -> dict:
         from streamsim.kafkaconfig import load_client_config
 
