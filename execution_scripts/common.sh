@@ -24,7 +24,8 @@ PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 # parameter:flag, in the order they are passed.
 SCADLES_PARAMS=(
   mode:--mode backend:--backend model:--model-name dataset:--dataset data_dir:--data-dir
-  image_size:--image-size partition:--partition world_size:--world-size seed:--seed
+  image_size:--image-size partition:--partition world_size:--world-size
+  devices_per_rank:--devices-per-rank seed:--seed
   rates:--rates rate_schedule:--rate-schedule arrivals:--arrivals duration_s:--duration-s
   source:--source topic_prefix:--topic-prefix kafka_config:--kafka-config
   replication_factor:--replication-factor
@@ -51,23 +52,24 @@ _is_rate_list() {  # a plain list of numbers (comma- or space-separated)
   [ -n "${1// /}" ]
 }
 
-_fit_rates_to_world_size() {
+_fit_rates_to_world_size() {  # one rate per device: WORLD_SIZE x DEVICES_PER_RANK
   if [ -n "${RATES:-}" ] || ! _is_rate_list "$rates"; then
     return
   fi
   local -a list out
+  local devices=$(( world_size * ${devices_per_rank:-1} ))
   read -ra list <<< "${rates//,/ }"
-  if [ "${#list[@]}" -eq "$world_size" ]; then
+  if [ "${#list[@]}" -eq "$devices" ]; then
     return
   fi
   local i
-  for ((i = 0; i < world_size; i++)); do
+  for ((i = 0; i < devices; i++)); do
     out+=("${list[i % ${#list[@]}]}")
   done
-  local how="the first $world_size"
-  [ "$world_size" -gt "${#list[@]}" ] && how="$world_size (cycling the list)"
-  echo "common.sh: WORLD_SIZE=$world_size but the script lists ${#list[@]} rates:" \
-       "using $how: ${out[*]}" >&2
+  local how="the first $devices"
+  [ "$devices" -gt "${#list[@]}" ] && how="$devices (cycling the list)"
+  echo "common.sh: $devices devices (WORLD_SIZE x DEVICES_PER_RANK) but the script lists" \
+       "${#list[@]} rates: using $how: ${out[*]}" >&2
   rates="$(IFS=,; echo "${out[*]}")"
 }
 

@@ -55,6 +55,10 @@ RESULTS_DIR="${RESULTS_DIR:-$(q "$REPO/docs/results" "$OUT/results")}"  # compac
 PAGE="${PAGE:-$(q "$REPO/docs/RESULTS.md" "$OUT/RESULTS.md")}"        # regenerated page
 ONLY="${ONLY:-grid,ablations,window,tablev,clocks,buffer,inject}"
 BACKEND_="${REPRO_BACKEND:-gloo}"
+RANKS_="${REPRO_RANKS:-2}"                 # virtual-clock runs: their devices in this many
+                                           # ranks (--devices-per-rank: the same results as
+                                           # one rank per device, far less start-up and
+                                           # collective overhead); 0: one rank per device
 MODEL_="${MODEL:-smallcnn-bn}"             # batch norm, as the paper's ResNet152 and VGG19-bn:
                                            # without it, global batches of 4k-16k samples at
                                            # lr 0.1 collapse (ablations)
@@ -176,7 +180,7 @@ run_one() {
     # Every launcher parameter is set here, so nothing leaks in from the environment
     # except EXTRA_ARGS (added to every run) and ERROR_FEEDBACK.
     mode=scadles backend="$BACKEND_" model="$MODEL_" dataset="$DATASET_" partition=iid
-    world_size=2 seed=0 rates=S10 source=inprocess lr="$LR_" clock=virtual
+    world_size=2 devices_per_rank=1 seed=0 rates=S10 source=inprocess lr="$LR_" clock=virtual
     compute_model=paper-resnet152 comm_model="$COMM_PAPER" policy=persistence
     compression=none alpha=0 beta=0 eval_samples="$EVAL_SAMPLES_" checkpoint_every=0
     max_steps=0 rate_schedule=constant arrivals=even momentum=0.9 weight_decay=1e-4
@@ -193,6 +197,12 @@ run_one() {
       shift
     done
     log_dir="$log_dir"
+    # world_size=N below means N devices: on the virtual clock, RANKS_ ranks simulate them.
+    if [ "$clock" = virtual ] && [ "$RANKS_" -gt 0 ] && [ "$world_size" -gt "$RANKS_" ] \
+        && [ $(( world_size % RANKS_ )) -eq 0 ]; then
+      devices_per_rank=$(( world_size / RANKS_ ))
+      world_size="$RANKS_"
+    fi
     # common.sh must not refill the parameters left empty on purpose from the environment.
     unset RATES RATES_SCHEDULE DURATION_S MAX_STREAM_S GLOBAL_BSZ MILESTONES TOPIC_PREFIX \
           IMAGE_SIZE GRADNORM_THRESHOLD GRADNORM_INTERVAL POOL_TOPIC LOG_DIR STEP_WHEN_FULL \

@@ -336,7 +336,7 @@ class InProcessSource:
     CHUNK_BYTES = 16 << 20  # pixels generated per poll at most (4096 records at most)
 
     def __init__(self, stream, dataset, start_time_s: float, duration_s: float | None = None,
-                 start: int = 0):
+                 start: int = 0, chunk_bytes: int = CHUNK_BYTES):
         if duration_s is not None and duration_s <= 0:
             raise ValueError(f"duration_s={duration_s} must be > 0")
         if start < 0:
@@ -346,7 +346,7 @@ class InProcessSource:
         self.device = int(stream.device)
         self.topic = f"inprocess-device-{self.device}"
         self.sample_shape = tuple(dataset.sample_shape)
-        self._chunk = int(min(4096, max(16, self.CHUNK_BYTES // np.prod(self.sample_shape))))
+        self._chunk = int(min(4096, max(16, chunk_bytes // np.prod(self.sample_shape))))
         self.malformed: dict[str, int] = {}
         self.start_time_s = float(start_time_s)
         self.duration_s = duration_s

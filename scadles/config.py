@@ -81,7 +81,11 @@ class Config:
     download: bool = _opt(False, "download the dataset if it is missing")
     image_size: int = _opt(224, "side of imagefolder images after resizing")
     partition: str = _opt("iid", "iid | noniid | dirichlet:ALPHA")
-    world_size: int = _opt(2, "number of devices (ranks), one stream each")
+    world_size: int = _opt(2, "number of ranks (processes); each simulates "
+                              "--devices-per-rank devices, one stream each")
+    devices_per_rank: int = _opt(1, "devices each rank simulates (scadles.devices): the run "
+                                    "has --world-size x K devices, identical to as many "
+                                    "ranks of one device; K > 1 needs --clock virtual")
     seed: int = _opt(0, "seed of the model, partition, rates and streams")
     # -- streams --------------------------------------------------------------------------
     rates: str = _opt("S10", "samples/s per device: a list ('10,20,40'), S1 | S2 | S10 | S20, "
@@ -111,7 +115,7 @@ class Config:
     milestones: list = _opt(None, "comma-separated epochs (of samples trained by the whole "
                                   "group) where the learning rate decays", kind="floats")
     global_bsz: int | None = _opt(None, "reference global batch of --lr (default 64 x "
-                                        "world size); scadles scales lr by B / this")
+                                        "devices); scadles scales lr by B / this")
     train_bsz: int = _opt(64, "ddp: fixed batch per device")
     min_train_bsz: int = _opt(8, "scadles: smallest local batch a device waits for (b_min); "
                                  "0 lets a device with no data take part with weight 0")
@@ -198,8 +202,18 @@ class Config:
 
     # -- derived --------------------------------------------------------------------------
     @property
+    def devices(self) -> int:
+        """D = --world-size x --devices-per-rank: the simulated edge devices."""
+        return self.world_size * self.devices_per_rank
+
+    def device_view(self) -> "Config":
+        """This run as one device per rank (D ranks of one device): what each simulated
+        device trains with, so that it behaves exactly as its own process would."""
+        return dataclasses.replace(self, world_size=self.devices, devices_per_rank=1)
+
+    @property
     def ref_global_bsz(self) -> int:
-        return self.global_bsz or REF_BSZ_PER_DEVICE * self.world_size
+        return self.global_bsz or REF_BSZ_PER_DEVICE * self.devices
 
     @property
     def host_slots(self) -> list[tuple[str, int]]:
@@ -392,7 +406,8 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
                               f"external Kafka, but none is given: set KAFKA_BOOTSTRAP "
                               f"(--bootstrap), or unset KAFKA_CONFIG for the embedded broker "
                               f"(plain connections on loopback)")
-    positive_ints = dict(world_size=cfg.world_size, train_bsz=cfg.train_bsz,
+    positive_ints = dict(world_size=cfg.world_size, devices_per_rank=cfg.devices_per_rank,
+                         train_bsz=cfg.train_bsz,
                          replication_factor=cfg.replication_factor,
                          max_train_bsz=cfg.max_train_bsz, buffer_capacity=cfg.buffer_capacity,
                          image_size=cfg.image_size)
@@ -465,16 +480,20 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
 
     listed = re.split(r"[,\s]+", cfg.rates.strip())
     if all(re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", v) for v in listed):
-        if len(listed) != cfg.world_size:
-            raise ConfigError(f"--rates lists {len(listed)} rate(s) for --world-size "
-                              f"{cfg.world_size}: give one rate per device or change "
-                              f"--world-size")
+        if len(listed) != cfg.devices:
+            raise ConfigError(f"--rates lists {len(listed)} rate(s) for {cfg.devices} "
+                              f"device(s) (--world-size x --devices-per-rank): give one rate "
+                              f"per device or change --world-size")
         if min(float(v) for v in listed) <= 0:
             raise ConfigError(f"--rates {cfg.rates!r}: every rate must be > 0 samples/s")
     try:
-        make_schedules(cfg.rates, cfg.world_size, cfg.seed, cfg.rate_schedule)
+        make_schedules(cfg.rates, cfg.devices, cfg.seed, cfg.rate_schedule)
     except ValueError as e:
         raise ConfigError(f"bad --rates/--rate-schedule: {e}") from None
+    if cfg.devices_per_rank > 1 and cfg.clock != "virtual":
+        raise ConfigError(f"--devices-per-rank {cfg.devices_per_rank} simulates devices in "
+                          f"turn, which real time cannot: add --clock virtual, or use "
+                          f"--devices-per-rank 1 (one process per device) on the wall clock")
 
     _validate_placement(cfg)
     if cfg.resume:
@@ -626,7 +645,7 @@ def _validate_environment(cfg: Config) -> None:
 def resolve(cfg: Config) -> None:
     """Fill the defaults that depend on other settings (in place)."""
     if cfg.global_bsz is None:
-        cfg.global_bsz = REF_BSZ_PER_DEVICE * cfg.world_size
+        cfg.global_bsz = REF_BSZ_PER_DEVICE * cfg.devices
     if cfg.duration_s is None:
         cfg.duration_s = default_duration_s(cfg)
     if cfg.run_id is None:
@@ -657,7 +676,7 @@ def default_duration_s(cfg: Config) -> float:
     from scadles.clock import ComputeModel
     from streamsim.schedule import make_schedules
 
-    schedules = make_schedules(cfg.rates, cfg.world_size, cfg.seed, cfg.rate_schedule)
+    schedules = make_schedules(cfg.rates, cfg.devices, cfg.seed, cfg.rate_schedule)
     slowest = min(min(r for _, r in s.segments) for s in schedules) or 1.0
     # scadles also waits for --min-train-bsz samples from the slowest stream.
     step_s = (max(cfg.window_s, cfg.min_train_bsz / slowest) if cfg.mode == "scadles"
@@ -665,7 +684,7 @@ def default_duration_s(cfg: Config) -> float:
     compute = ComputeModel(cfg.compute_model)
     if compute.deterministic:
         bsz = cfg.max_train_bsz if cfg.mode == "scadles" else cfg.train_bsz
-        step_s = max(step_s, max(compute.seconds(0.0, bsz, r) for r in range(cfg.world_size)))
+        step_s = max(step_s, max(compute.seconds(0.0, bsz, r) for r in range(cfg.devices)))
     elif cfg.clock == "virtual":
         step_s = max(step_s, MEASURED_STEP_GUESS_S)
     return float(math.ceil(1.5 * cfg.max_steps * step_s + 10))

@@ -209,7 +209,7 @@ class Launcher:
                                      cfg.image_size, cfg.seed)
         except DatasetError as e:
             raise SystemExit(f"launch: {e}")
-        part = make_partition(train_set.labels, cfg.world_size, cfg.partition, cfg.seed)
+        part = make_partition(train_set.labels, cfg.devices, cfg.partition, cfg.seed)
         print(part.format(), flush=True)
         return part.summary()
 
@@ -228,7 +228,7 @@ class Launcher:
                 cfg.bootstrap = self.broker.bootstrap
                 say(f"embedded broker at {cfg.bootstrap}")
             broker.create_topics(cfg.bootstrap, [f"{cfg.topic_prefix}{d}"
-                                                 for d in range(cfg.world_size)],
+                                                 for d in range(cfg.devices)],
                                  replication_factor=cfg.replication_factor,
                                  client_config=self.client_config)
         except (broker.BrokerUnreachable, broker.BrokerError, ValueError) as e:
@@ -238,7 +238,7 @@ class Launcher:
         cfg = self.cfg
         cmd = [sys.executable, "-m", "streamsim.produce", "--bootstrap", cfg.bootstrap,
                "--dataset", cfg.dataset, "--partition", cfg.partition,
-               "--world-size", str(cfg.world_size), "--rates", cfg.rates,
+               "--world-size", str(cfg.devices), "--rates", cfg.rates,
                "--arrivals", cfg.arrivals, "--duration", repr(cfg.duration_s),
                "--pace", "virtual" if cfg.clock == "virtual" else "realtime",
                "--seed", str(cfg.seed), "--topic-prefix", cfg.topic_prefix,

@@ -264,6 +264,14 @@ def write_run_json(log_dir: str | Path, config: dict, partition: dict, **extra) 
     return path
 
 
+def config_devices(config: dict, default: int | None = None) -> int | None:
+    """The devices a run simulated, from its run.json config: --world-size ranks x
+    --devices-per-rank (1 in runs written before it existed)."""
+    if "world_size" not in config:
+        return default
+    return int(config["world_size"]) * int(config.get("devices_per_rank") or 1)
+
+
 def read_run_json(log_dir: str | Path) -> dict:
     path = Path(log_dir) / RUN_JSON
     return json.loads(path.read_text()) if path.exists() else {}

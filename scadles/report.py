@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scadles.metrics import config_devices
+
 PLOT_FILES = {
     "accuracy": "accuracy.png",
     "batch_sizes": "batch_sizes.png",
@@ -436,7 +438,7 @@ def render_markdown(runs: list[Run], target: float | None, target_note: str,
                              for r in rates[:8]) + (",..." if len(rates) > 8 else "")
         lines.append("| " + " | ".join(str(v) for v in [
             run.name, f"`{run.path}`", c.get("mode", "?"), c.get("model_name", "?"),
-            c.get("dataset", "?"), c.get("world_size", len(run.train)), rates or "?",
+            c.get("dataset", "?"), config_devices(c, len(run.train)), rates or "?",
             c.get("policy", "?"), c.get("compression", "none"),
             f"{c.get('alpha', 0)}, {c.get('beta', 0)}", c.get("seed", "?")]) + " |")
     lines += ["", "## Plots", ""]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scadles.metrics import config_devices
 from scadles.results import RATE_SETS, TIMINGS, evals, grid_cells, paired_speedup
 
 DRAWS = 300  # rate draws per rate set for the predicted speedups
@@ -58,7 +59,7 @@ def speedup_against_slowest_rate(records: dict, path: Path, target_pct: float = 
                 ratio = c["compression_ratio"] if c.get("compression", "none") != "none" else None
                 xs, lows, highs = [], [], []
                 for draw in range(DRAWS):
-                    r = parse_rates(rates, c["world_size"], 10_000 + draw)
+                    r = parse_rates(rates, config_devices(c), 10_000 + draw)
                     p = predict(r, compute_model=c["compute_model"], comm_model=c["comm_model"],
                                 b_min=c["min_train_bsz"], b_max=c["max_train_bsz"],
                                 window_s=c["window_s"], train_bsz=c["train_bsz"],
@@ -173,7 +174,7 @@ def buffer_length(records: dict, path: Path, seed: int = 0) -> bool:
     ax.set_xlabel("stream time (s)")
     ax.set_ylabel("most samples a device held during the step")
     c = runs["persistence"]["config"]
-    ax.set_title(f"Buffer peak per step (largest device), {c['world_size']} devices, "
+    ax.set_title(f"Buffer peak per step (largest device), {config_devices(c)} devices, "
                  f"{c['rates']}, seed {seed}", fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3, which="both")
@@ -201,7 +202,7 @@ def clocks(records: dict, path: Path) -> bool:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     c = wall["config"]
-    axes[0].set_title(f"{c['world_size']} devices at {c['rates']} samples/s, seed {c['seed']}",
+    axes[0].set_title(f"{config_devices(c)} devices at {c['rates']} samples/s, seed {c['seed']}",
                       fontsize=9)
     _save(plt, fig, path)
     return True
@@ -237,7 +238,7 @@ def tablev(records: dict, path: Path) -> bool:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     c = next(iter(runs.values()))["config"]
-    fig.suptitle(f"Adaptive Top-k, {c['world_size']} devices, {c['rates']}, seed {c['seed']}",
+    fig.suptitle(f"Adaptive Top-k, {config_devices(c)} devices, {c['rates']}, seed {c['seed']}",
                  fontsize=10)
     _save(plt, fig, path)
     return True
@@ -256,7 +257,7 @@ def inject_accuracy(records: dict, path: Path) -> bool:
     ax.set_xlabel("stream time (s)")
     ax.set_ylabel("test top-1 (%)")
     c = next(iter(runs.values()))["config"]
-    ax.set_title(f"{c['world_size']} one-label devices ({c['model_name']}), with and without "
+    ax.set_title(f"{config_devices(c)} one-label devices ({c['model_name']}), with and without "
                  "injection", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

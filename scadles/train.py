@@ -34,6 +34,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -49,6 +50,7 @@ from scadles.clock import CommModel, ComputeModel, VirtualClock, WallClock
 from scadles.comm import env_rank, make_comm, share_cpu_threads
 from scadles.compress import make_exchanger
 from scadles.config import Config, parse_args
+from scadles.devices import devices_in_process, exclusive, run_devices
 from scadles.models import build_model
 from scadles.optim import SGD
 from streamsim import logsetup
@@ -86,24 +88,38 @@ def agree_run_info(comm, cfg: Config) -> dict:
     return json.loads(bytes(buf.cpu().tolist()).decode())
 
 
+_STREAMS: dict[tuple, list] = {}  # device_streams, built once per process
+_STREAMS_LOCK = threading.Lock()
+
+
 def device_streams(cfg: Config, train_set):
-    """Every device's stream, exactly as the producer builds it (for in-process sources)."""
+    """Every device's stream, exactly as the producer builds it (for in-process sources).
+    Built once per process: streams are stateless (every iteration starts afresh), so the
+    devices a rank simulates (``--devices-per-rank``) share them."""
     from streamsim.partition import make_partition
     from streamsim.schedule import make_schedules
     from streamsim.stream import DeviceStream
 
-    part = make_partition(train_set.labels, cfg.world_size, cfg.partition, cfg.seed)
-    schedules = make_schedules(cfg.rates, cfg.world_size, cfg.seed, cfg.rate_schedule)
-    return [DeviceStream(train_set, part.indices[d], schedules[d], d, cfg.seed, cfg.arrivals)
-            for d in range(cfg.world_size)]
+    key = (id(train_set), cfg.world_size, cfg.partition, cfg.seed, cfg.rates,
+           cfg.rate_schedule, cfg.arrivals)
+    with _STREAMS_LOCK:
+        if key not in _STREAMS:
+            part = make_partition(train_set.labels, cfg.world_size, cfg.partition, cfg.seed)
+            schedules = make_schedules(cfg.rates, cfg.world_size, cfg.seed, cfg.rate_schedule)
+            _STREAMS[key] = [DeviceStream(train_set, part.indices[d], schedules[d], d,
+                                          cfg.seed, cfg.arrivals)
+                             for d in range(cfg.world_size)]
+        return _STREAMS[key]
 
 
 def open_source(cfg: Config, info: dict, device: int, train_set, start, streams=None,
-                group: str | None = None):
-    """The source of device ``device``'s stream: its Kafka topic or the in-process twin."""
+                group: str | None = None, share: int = 1):
+    """The source of device ``device``'s stream: its Kafka topic or the in-process twin
+    (``share``: devices in this process, which split the in-process sources' read-ahead)."""
     if cfg.source == "inprocess":
         return InProcessSource(streams[device], train_set, info["stream_start_s"],
-                               cfg.duration_s, start=start if isinstance(start, int) else 0)
+                               cfg.duration_s, start=start if isinstance(start, int) else 0,
+                               chunk_bytes=InProcessSource.CHUNK_BYTES // max(1, share))
     prefix = info["topic_prefix"]
     return KafkaSource(cfg.bootstrap, f"{prefix}{device}",
                        group or f"{prefix}trainer-{device}", device,
@@ -181,11 +197,15 @@ def label_hist(labels: np.ndarray) -> dict[str, int]:
     return {str(int(v)): int(c) for v, c in zip(values, counts)}
 
 
-def gather_json(comm, obj) -> list:
-    """Every rank's JSON-able ``obj``, indexed by rank (one allgather of their bytes)."""
+def gather_json(comm, obj, decode: bool = True) -> list:
+    """Every rank's JSON-able ``obj``, indexed by rank (one allgather of their bytes);
+    ``decode=False``: take part, return [] (decoding D objects on each of D simulated
+    devices would cost D squared)."""
     data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-    return [json.loads(bytes(t.cpu().tolist()).decode())
-            for t in comm.allgather_varlen(data.to(comm.device))]
+    gathered = comm.allgather_varlen(data.to(comm.device))
+    if not decode:
+        return []
+    return [json.loads(t.cpu().numpy().tobytes().decode()) for t in gathered]
 
 
 def device_summary(comm, cfg: Config, samples_trained: int, buffer_stats: dict, steps: int,
@@ -193,7 +213,7 @@ def device_summary(comm, cfg: Config, samples_trained: int, buffer_stats: dict, 
     """Per device, over the whole run (a resumed run included): stream rate, samples trained
     from its own stream, mean local batch, injected, dropped, truncated and duplicate
     records, the peak buffer and malformed records (total and per kind), gathered from
-    every rank."""
+    every rank; on rank 0 (the one that writes the summary), [] on the others."""
     from streamsim.schedule import make_schedules
 
     malformed = buffer_stats["malformed"]
@@ -204,9 +224,12 @@ def device_summary(comm, cfg: Config, samples_trained: int, buffer_stats: dict, 
             "peak_buffer": int(buffer_stats["peak_buffer_len"]),
             "malformed": int(sum(malformed.values())),
             "malformed_by_kind": {k: int(n) for k, n in sorted(malformed.items())}}
+    gathered = gather_json(comm, mine, decode=comm.rank == 0)
+    if not gathered:
+        return []
     schedules = make_schedules(cfg.rates, cfg.world_size, cfg.seed, cfg.rate_schedule)
     rows = []
-    for device, row in enumerate(gather_json(comm, mine)):
+    for device, row in enumerate(gathered):
         rows.append({"device": device, "rate_per_s": schedules[device].rate_at(0.0), **row,
                      "mean_local_bsz": row["samples_trained"] / steps if steps else 0.0})
     return rows
@@ -273,9 +296,10 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
     epoch_samples = len(train_set)
 
     # Model, optimizer, gradient exchange: identical on every rank (same seed).
-    model = build_model(cfg.model_name, train_set.num_classes, channels, height,
-                        seed=cfg.seed).to(device)
-    torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout etc. differ across ranks
+    with exclusive(comm):  # simulated devices (--devices-per-rank) take turns here
+        model = build_model(cfg.model_name, train_set.num_classes, channels, height,
+                            seed=cfg.seed).to(device)
+        torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout etc. differ across ranks
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     dense_bytes = sum(p.numel() * p.element_size() for _, p in named_params)
     for _, p in named_params:
@@ -312,7 +336,8 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
         last_step_s = rank_state["last_step_s"]
         start_offset = rank_state["offset"]
         exchanger.load_state_dict(rank_state["exchanger"])
-        checkpoint.set_rng_state(rank_state["rng"])
+        with exclusive(comm):
+            checkpoint.set_rng_state(rank_state["rng"])
         samples_trained = rank_state.get("samples_trained", 0)
         progress.note(f"resuming at step {step} (stream time "
                       f"{shared['clock_s'] - stream_start_s:.1f} s) from {cfg.log_dir}")
@@ -320,7 +345,8 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
                            tensorboard=cfg.tensorboard)
 
     streams = device_streams(cfg, train_set) if cfg.source == "inprocess" else None
-    buffer = StreamBuffer(open_source(cfg, info, rank, train_set, start_offset, streams),
+    buffer = StreamBuffer(open_source(cfg, info, rank, train_set, start_offset, streams,
+                                      share=devices_in_process(comm)),
                           cfg.policy, cfg.buffer_capacity, cfg.window_s,
                           stop_requested=stop_requested)
     if rank_state is not None and "buffer" in rank_state:
@@ -349,8 +375,10 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
                       "step": step, "samples_global": samples_global,
                       "clock_s": clock.now(), "best_top1": best_top1, "last_eval": last_eval,
                       "config": cfg.to_dict()}
+        with exclusive(comm):
+            rng = checkpoint.rng_state()
         mine = {"offset": committed_offset, "last_step_s": last_step_s,
-                "rng": checkpoint.rng_state(), "exchanger": exchanger.state_dict(),
+                "rng": rng, "exchanger": exchanger.state_dict(),
                 "buffer": buffer.state_dict(), "samples_trained": samples_trained}
         if injector is not None:
             mine["injector"] = injector.state_dict()
@@ -429,18 +457,20 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
             continue
         step += 1
 
-        # -- forward / backward on the local batch (mean loss).
-        t_compute = time.perf_counter()
-        optimizer.zero_grad(set_to_none=False)
-        if local_bsz > 0:
-            model.train()
-            x, y = to_tensors(batch, mean, std, device)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            loss_value = loss.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        measured_compute_s = time.perf_counter() - t_compute
+        # -- forward / backward on the local batch (mean loss); simulated devices
+        # (--devices-per-rank) take turns, each timed on its own.
+        with exclusive(comm):
+            t_compute = time.perf_counter()
+            optimizer.zero_grad(set_to_none=False)
+            if local_bsz > 0:
+                model.train()
+                x, y = to_tensors(batch, mean, std, device)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                loss_value = loss.item()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            measured_compute_s = time.perf_counter() - t_compute
 
         # -- weighted aggregation: every .grad becomes sum_i (b_i / B) g_i.
         # (ddp: equal batches, so b_i / B is the plain average.)
@@ -553,7 +583,14 @@ def main(argv: list[str] | None = None, exit_fast: bool = False) -> int:
     code = 0
     try:
         comm = make_comm(cfg.backend)
-        train(cfg, comm, display, stop_requested)
+        if cfg.devices_per_rank > 1:  # this rank simulates K devices (scadles.devices)
+            share_cpu_threads(comm)
+            for split in ("train", "test"):  # loaded once, shared by the devices
+                load_dataset(cfg.dataset, split, cfg.data_dir, cfg.download, cfg.image_size,
+                             cfg.seed)
+            run_devices(cfg, comm, train, display, stop_requested)
+        else:
+            train(cfg, comm, display, stop_requested)
         comm.close()
     except KNOWN_FAILURES as e:
         code = KNOWN_FAILURE_EXIT

@@ -24,6 +24,11 @@ BAD = {
     "unknown partition": (["--partition", "skewed"], "--partition"),
     "rates != world size": (["--world-size", "3", "--rates", "10,20"], "--world-size"),
     "non-positive rate": (["--world-size", "2", "--rates", "10,0"], "> 0"),
+    "rates != devices": (["--world-size", "2", "--devices-per-rank", "2", "--clock", "virtual",
+                          "--compute-model", "fixed:0.1", "--rates", "10,20"],
+                         "--devices-per-rank"),
+    "devices per rank on the wall clock": (["--devices-per-rank", "2"], "--clock virtual"),
+    "non-positive devices per rank": (["--devices-per-rank", "0"], "--devices-per-rank"),
     "bad rate spec": (["--rates", "S99x"], "--rates"),
     "non-positive train batch": (["--train-bsz", "0"], "--train-bsz"),
     "non-positive max batch": (["--max-train-bsz", "-1"], "--max-train-bsz"),
@@ -245,3 +250,19 @@ def test_common_sh_rejects_a_boolean_that_is_not_0_or_1(tmp_path):
                                                "(or unset it)"]
     good = _run_common(tmp_path, body, {"RESUME": "1", "LOG_DIR": str(tmp_path / "run")})
     assert "--resume" in good.stdout, good.stderr
+
+
+def test_devices_per_rank_multiplies_the_devices_each_device_sees_a_run_of_one_per_rank():
+    """--world-size 2 --devices-per-rank 3: 6 devices (rates, partition, the reference global
+    batch), 2 ranks; each device trains with the config of 6 ranks of one device."""
+    cfg = parse_args(["--world-size", "2", "--devices-per-rank", "3", "--clock", "virtual",
+                      "--compute-model", "fixed:0.1", "--rates", "1,2,3,4,5,6", "--source",
+                      "inprocess"], check_environment=False)
+    assert cfg.devices == 6 and cfg.ref_global_bsz == 6 * 64 and cfg.global_bsz == 6 * 64
+    view = cfg.device_view()
+    assert (view.world_size, view.devices_per_rank, view.devices) == (6, 1, 6)
+    same = parse_args(["--world-size", "6", "--clock", "virtual", "--compute-model",
+                       "fixed:0.1", "--rates", "1,2,3,4,5,6", "--source", "inprocess",
+                       "--run-id", cfg.run_id, "--log-dir", cfg.log_dir],
+                      check_environment=False)
+    assert view.to_dict() == same.to_dict()
