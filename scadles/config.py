@@ -2,7 +2,7 @@
 
 ``parse_args(argv)`` is the only place that reads arguments. It builds the parser from the
 dataclass fields (flag, type and help live next to the default), fills derived defaults
-(``global_bsz`` = 64 x world size, the stream length, the topic prefix) and validates. A bad
+(``global_bsz`` = 64 x devices, the stream length, the topic prefix) and validates. A bad
 configuration prints ONE line naming the problem and the fix and exits with status 2, before
 any process or broker starts. ``Config.to_argv()`` gives the flags that reproduce a config,
 which is how the launcher hands it to every rank.

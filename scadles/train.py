@@ -1,7 +1,8 @@
 """The training loop of one rank (``python -m scadles.train``, started by ``scadles.launch``).
 
-Each rank is one edge device: it consumes its own stream into a buffer and trains
-synchronously with the others. One loop, two modes:
+Each rank is one edge device (or, with ``--devices-per-rank K``, K of them, each running this
+loop in a thread of its own as if it were a rank: ``scadles.devices``): it consumes its own
+stream into a buffer and trains synchronously with the others. One loop, two modes:
 
 - ``scadles``: every ``--window-s`` of stream time a device trains on what its buffer holds
   (b_i samples, between ``--min-train-bsz`` and ``--max-train-bsz``); the global batch
