@@ -453,10 +453,13 @@ if [ "${REPORT_ONLY:-0}" = 1 ]; then
   rm -rf "$OUT/report"
 else
   say "writing to $OUT, records to $RESULTS_DIR ($RUN_TOTAL runs$( [ "$QUICK" = 1 ] && echo ', QUICK smoke settings'))"
-  for comparison in $(list "$ONLY"); do rm -rf "${RESULTS_DIR:?}/$comparison"; done
+  # The commit the runs come from, checked before this script touches its own outputs
+  # (the records, the page and its figures, which it rewrites).
   commit="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   dirty=false
-  [ -z "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ] || dirty=true
+  [ -z "$(git -C "$REPO" status --porcelain --untracked-files=no -- . ':!docs/results' \
+          ':!docs/RESULTS.md' ':!docs/figures' 2>/dev/null)" ] || dirty=true
+  for comparison in $(list "$ONLY"); do rm -rf "${RESULTS_DIR:?}/$comparison"; done
   started="$(date -u '+%Y-%m-%d %H:%M UTC')"
   wanted grid && run_grid
   wanted ablations && run_ablations

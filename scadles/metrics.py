@@ -240,14 +240,20 @@ def versions() -> dict:
     return out
 
 
+# What reproduce_cpu.sh writes: changes there do not make the code that ran "dirty".
+RESULT_OUTPUTS = ("docs/results", "docs/RESULTS.md", "docs/figures")
+
+
 def git_commit() -> str | None:
-    """HEAD of the repository, with ``+dirty`` when the tree has changes."""
+    """HEAD of the repository, with ``+dirty`` when the tree has changes (other than the
+    results page's records and figures, which a reproduction rewrites as it runs)."""
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
                               capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+                                "--untracked-files=no", "--", ".",
+                                *(f":!{p}" for p in RESULT_OUTPUTS)],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
