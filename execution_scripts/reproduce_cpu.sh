@@ -3,7 +3,7 @@
 # baseline, and its testbed's step and exchange times as a calibrated time model; store every
 # run's compact record and regenerate docs/RESULTS.md from them.
 #
-#   bash execution_scripts/reproduce_cpu.sh            # full: 74 min on 2 CPU cores (8ee0776)
+#   bash execution_scripts/reproduce_cpu.sh            # full: 50 min on 2 CPU cores (32d5e2a)
 #   QUICK=1 bash execution_scripts/reproduce_cpu.sh    # smoke run: a few minutes (records and
 #                                                      # a results page under OUT)
 #   OUT=/tmp/r ONLY=grid,window bash execution_scripts/reproduce_cpu.sh
