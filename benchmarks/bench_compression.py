@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from scadles.compress import make_exchanger  # noqa: E402
+from scadles.exchange import make_exchanger  # noqa: E402
 
 # name -> (torchvision constructor, num_classes as in the paper's runs)
 MODELS = {"resnet152": ("resnet152", 10), "vgg19": ("vgg19_bn", 100)}

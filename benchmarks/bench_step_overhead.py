@@ -33,8 +33,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-from scadles.aggregate import DenseExchanger, aggregation_weight, global_batch  # noqa: E402
+from scadles.aggregate import aggregation_weight, global_batch  # noqa: E402
 from scadles.comm import Comm, make_comm, share_cpu_threads  # noqa: E402
+from scadles.exchange import DenseExchanger  # noqa: E402
 from scadles.models import build_model  # noqa: E402
 
 # model, input channels, image size, per-rank batch, timed steps (a few seconds of each)

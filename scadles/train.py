@@ -49,9 +49,9 @@ from scadles.buffer import (InProcessSource, KafkaSource, SourceError, StreamBuf
                             StreamStalled)
 from scadles.clock import CommModel, ComputeModel, VirtualClock, WallClock
 from scadles.comm import env_rank, make_comm, share_cpu_threads
-from scadles.compress import make_exchanger
 from scadles.config import Config, parse_args
 from scadles.devices import devices_in_process, exclusive, run_devices
+from scadles.exchange import ExchangeSettings, make_exchanger
 from scadles.models import build_model
 from scadles.optim import SGD
 from streamsim import logsetup
@@ -307,14 +307,7 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
         p.grad = torch.zeros_like(p)  # an empty batch contributes zero gradients
     optimizer = SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                     weight_decay=cfg.weight_decay)
-    exchanger = make_exchanger(comm, compression=cfg.compression,
-                               compressor=cfg.compressor,
-                               compression_ratio=cfg.compression_ratio,
-                               error_feedback=cfg.error_feedback,
-                               delta_threshold=cfg.delta_threshold,
-                               adaptive_signal=cfg.adaptive_signal, ewma_alpha=cfg.ewma_alpha,
-                               gradnorm_threshold=cfg.gradnorm_threshold,
-                               gradnorm_interval_steps=cfg.gradnorm_interval)
+    exchanger = make_exchanger(comm, ExchangeSettings.from_config(cfg))
 
     # Time.
     clock = VirtualClock(start_s=stream_start_s) if cfg.clock == "virtual" else WallClock()
@@ -529,18 +522,15 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
         run_eval()
     progress.close()
     ex_summary = exchanger.summary()
-    bytes_sent_total = int(agree(comm, [ex_summary.get("bytes_sent_total", 0)])[0])
-    cnc = ex_summary.get("cnc_ratio")
-    if cnc is None and ex_summary.get("dense_steps"):
-        cnc = ex_summary.get("compressed_steps", 0) / ex_summary["dense_steps"]
+    bytes_sent_total = int(agree(comm, [ex_summary.bytes_sent_total])[0])
     final = last_eval or {}
     summary = {"steps": step, "stream_s": clock.now() - stream_start_s,
                "samples": samples_global, "stop_reason": stop_reason,
                "final_top1": final.get("top1"), "final_top5": final.get("top5"),
                "best_top1": best_top1, "bytes_sent_total": bytes_sent_total,
-               "cnc_ratio": cnc, "compressed_steps": ex_summary.get("compressed_steps"),
-               "dense_steps": ex_summary.get("dense_steps"),
-               "compression_hint": ex_summary.get("hint"),
+               "cnc_ratio": ex_summary.cnc_ratio,
+               "compressed_steps": ex_summary.compressed_steps,
+               "dense_steps": ex_summary.dense_steps, "compression_hint": ex_summary.hint,
                "wall_s": time.time() - wall_start, "log_dir": cfg.log_dir,
                "buffer": buffer.stats(),
                "devices": device_summary(comm, cfg, samples_trained, buffer.stats(), step,
@@ -549,7 +539,7 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
         summary["injection"] = injector.summary()
         injector.close()
     if rank == 0:
-        metrics.update_run_json(cfg.log_dir, summary=summary, exchanger=ex_summary)
+        metrics.update_run_json(cfg.log_dir, summary=summary, exchanger=ex_summary.to_dict())
         print(metrics.format_summary(summary), file=display, flush=True)
     buffer.close()
     rows.close()

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scadles.compress import make_exchanger  # noqa: E402
 from scadles.compress.topk import TopKCompressor, topk_k  # noqa: E402
+from scadles.exchange import make_exchanger  # noqa: E402
 
 WORLD_SIZE = 3
 RTOL, ATOL = 1e-5, 1e-6  # float32 sums of three terms, in a different order than allreduce
@@ -112,7 +112,7 @@ def tiny_model() -> torch.nn.Module:
 # -- the worker --------------------------------------------------------------------------------
 
 def run_rank(backend: str, out_dir: Path) -> None:
-    from scadles.aggregate import DenseExchanger
+    from scadles.exchange import DenseExchanger
     from scadles.comm import make_comm
 
     torch.set_num_threads(1)
@@ -169,13 +169,12 @@ def run_rank(backend: str, out_dir: Path) -> None:
         result["tiny"].append(ex.exchange(list(model.named_parameters()), weight(rank), step))
         opt.step()
     result["tiny_params"] = [p.detach().clone() for p in model.parameters()]
-    result["tiny_summary"] = ex.summary()
+    result["tiny_summary"] = ex.summary().to_dict()
 
     # 5. The general payload path: QSGD (seeded per rank), then a payload whose length
     # differs across ranks (and is empty for the layer rank 1 has no gradient for).
-    from scadles.compress import CompressionState
-    from scadles.compress.exchange import SparseExchanger
     from scadles.compress.qsgd import QSGDCompressor
+    from scadles.exchange import ExchangeSettings, SparseExchanger
 
     for key, compressor in (("qsgd", QSGDCompressor(seed=qsgd_seed(rank))),
                             ("threshold", ThresholdSparse())):
@@ -183,7 +182,7 @@ def run_rank(backend: str, out_dir: Path) -> None:
         if rank == UNEVEN_NO_GRAD[0]:
             g[UNEVEN_NO_GRAD[1]] = None
         named = as_params(g)
-        ex = SparseExchanger(comm, CompressionState(compression="static"), compressor)
+        ex = SparseExchanger(comm, ExchangeSettings(compression="static"), compressor)
         result[f"{key}_stats"] = ex.exchange(named, weight(rank), 0)
         result[key] = grads(named)
 

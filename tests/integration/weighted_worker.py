@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scadles.aggregate import (DenseExchanger, aggregation_weight, global_batch,  # noqa: E402
-                               weighted_allreduce_)
+from scadles.aggregate import aggregation_weight, global_batch  # noqa: E402
 from scadles.comm import make_comm, share_cpu_threads  # noqa: E402
+from scadles.exchange import DenseExchanger, weighted_allreduce_  # noqa: E402
 from scadles.models import build_model, parameter_digest  # noqa: E402
 
 WORLD_SIZE = 3
@@ -98,7 +98,7 @@ def run_rank(backend: str, out_dir: Path) -> None:
     stats = exchanger.exchange(list(model.named_parameters()), weight, step=0)
     result["buckets"] = grads_of(model)
     result["buckets_stats"] = stats
-    result["buckets_summary"] = exchanger.summary()
+    result["buckets_summary"] = exchanger.summary().to_dict()
     result["num_buckets"] = len(exchanger._buckets)
 
     # Equal batches: ours (weight 1/W) against DistributedDataParallel where torch has it.

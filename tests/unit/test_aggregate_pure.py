@@ -1,4 +1,5 @@
-"""Pure logic of aggregation: LR scaling, the group-wide LR schedule, flat buffers, buckets."""
+"""Pure logic of aggregation: LR scaling, the group-wide LR schedule; the dense exchange's
+flat buffers and buckets."""
 from __future__ import annotations
 
 import threading
@@ -6,9 +7,9 @@ import threading
 import pytest
 import torch
 
-from scadles.aggregate import (DenseExchanger, aggregation_weight, flatten_grads, global_batch,
-                               make_buckets, multistep_factor, scaled_lr, step_lr,
-                               unflatten_into, warmup_lr)
+from scadles.aggregate import (aggregation_weight, global_batch, multistep_factor, scaled_lr,
+                               step_lr, warmup_lr)
+from scadles.exchange.dense import DenseExchanger, flatten_grads, make_buckets, unflatten_into
 
 
 class FakeGroup:
@@ -255,14 +256,14 @@ def test_dense_exchanger_applies_weight_and_reports_stats():
     assert stats == {"compressed": False, "ratio": 1.0, "signal": None, "bytes_sent": 4 * 30,
                      "floats_sent": 30, "compress_s": 0.0}
     exchanger.exchange([(f"p{i}", p) for i, p in enumerate(params)], weight=1.0, step=1)
-    assert exchanger.summary() == {"steps": 2, "compressed_steps": 0, "dense_steps": 2,
-                                   "cnc_ratio": 0.0, "switches": 0, "compress_s_total": 0.0,
-                                   "bytes_sent_total": 240, "floats_sent_total": 60}
+    assert exchanger.summary().to_dict() == {
+        "steps": 2, "compressed_steps": 0, "dense_steps": 2, "cnc_ratio": 0.0, "switches": 0,
+        "compress_s_total": 0.0, "bytes_sent_total": 240, "floats_sent_total": 60}
     resumed = DenseExchanger(FakeGroup())
     resumed.load_state_dict(exchanger.state_dict())  # a resumed run counts the whole run
     assert resumed.summary() == exchanger.summary()
     resumed.load_state_dict({})  # a checkpoint without counters starts from zero
-    assert resumed.summary()["steps"] == 0
+    assert resumed.summary().steps == 0
 
 
 def test_grad_buckets_are_reused_and_fill_missing_grads():

@@ -2,20 +2,21 @@
 the vote, settings. Multi-rank behaviour is in tests/integration/test_compress_ranks.py."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from scadles.compress import CompressionState, make_exchanger
 from scadles.compress import topk as topk_mod
 from scadles.compress.adaptive import (GradNormChangeSignal, OrigSignal, PaperSignal, StepNorms,
                                        decide, energy_loss, ewma, relative_change,
                                        summed_norm_loss, vote)
-from scadles.compress.exchange import SparseExchanger
 from scadles.compress.identity import IdentityCompressor
 from scadles.compress.memory import NoMemory, ResidualMemory
 from scadles.compress.topk import TopKCompressor, index_dtype, topk_k
+from scadles.exchange import (DenseExchanger, ExchangeSettings, ExchangeStats, ExchangeSummary,
+                              SparseExchanger, make_exchanger)
 from tests.doubles import OneRankComm, named
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 sums of a few dozen terms in a different order
@@ -163,8 +164,8 @@ def test_error_feedback_is_exact_over_mixed_dense_and_sparse_steps():
         residual = ex.memory.residuals.get(name, torch.zeros_like(t))
         torch.testing.assert_close(sent + residual, t, rtol=RTOL, atol=ATOL)
     summary = ex.summary()
-    assert summary["compressed_steps"] == 6 and summary["dense_steps"] == 3
-    assert summary["cnc_ratio"] == 2.0 and summary["switches"] == 4
+    assert summary.compressed_steps == 6 and summary.dense_steps == 3
+    assert summary.cnc_ratio == 2.0 and summary.switches == 4
 
 
 def test_error_feedback_stays_exact_when_backward_accumulates_into_the_grad_buffers():
@@ -276,7 +277,8 @@ def test_checkpoint_resume_continues_exactly():
     assert [s["signal"] for s in stats_a] == [s["signal"] for s in stats_b]
     for (_, pa), (_, pb) in zip(a_params, b_params):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=0, atol=0)
-    assert a.summary() == {**b.summary(), "compress_s_total": a.summary()["compress_s_total"]}
+    assert a.summary() == dataclasses.replace(b.summary(),
+                                              compress_s_total=a.summary().compress_s_total)
     other = make_exchanger(OneRankComm(), **dict(settings, adaptive_signal="orig"))
     with pytest.raises(ValueError, match="adaptive_signal"):
         other.load_state_dict(saved)
@@ -291,20 +293,20 @@ def test_summary_hints_when_adaptive_mode_never_takes_one_path():
         params[0][1].grad = flat_spread(200, gen)
         assert not never.exchange(params, 1.0, step)["compressed"]
     summary = never.summary()
-    assert summary["signal_min"] == pytest.approx(0.9) == summary["signal_max"]
-    assert summary["hint"].startswith("adaptive compression never compressed: rank 0's paper "
+    assert summary.signal_min == pytest.approx(0.9) == summary.signal_max
+    assert summary.hint.startswith("adaptive compression never compressed: rank 0's paper "
                                       "signal ranged 0.9 to 0.9 against --delta-threshold 0.05")
     always = make_exchanger(OneRankComm(), compression="adaptive", compression_ratio=0.1,
                             ewma_alpha=1.0, delta_threshold=0.95)
     params[0][1].grad = flat_spread(200, gen)
     always.exchange(params, 1.0, 0)
-    assert "never sent dense gradients" in always.summary()["hint"]
+    assert "never sent dense gradients" in always.summary().hint
     params[0][1].grad = spiky(200, gen)
     never.exchange(params, 1.0, 3)  # both paths taken now: no hint
-    assert never.summary()["hint"] is None
+    assert never.summary().hint is None
     static = make_exchanger(OneRankComm(), compression="static", compression_ratio=0.1)
     static.exchange(params, 1.0, 0)
-    assert static.summary()["hint"] is None
+    assert static.summary().hint is None
 
 
 # -- signals and the vote (pure) ----------------------------------------------------------------
@@ -410,20 +412,65 @@ def test_exchanger_reports_the_paper_signal_on_a_known_tensor():
     ("gradnorm_interval_steps", 2.5)])
 def test_bad_settings_raise_value_error_naming_the_setting(setting, value):
     with pytest.raises(ValueError, match=setting):
-        CompressionState(**{setting: value})
+        ExchangeSettings(**{setting: value})
     with pytest.raises(ValueError, match=setting):
         make_exchanger(OneRankComm(), **{"compression": "static", setting: value})
 
 
 def test_none_is_the_dense_exchanger_and_settings_describe_themselves():
-    from scadles.aggregate import DenseExchanger
-
     assert isinstance(make_exchanger(OneRankComm()), DenseExchanger)
     assert isinstance(make_exchanger(OneRankComm(), compression="static"), SparseExchanger)
-    state = CompressionState(compression="adaptive", compression_ratio=0.1)
-    assert "ties compress" in state.describe() and "ratio 0.1" in state.describe()
-    assert state.settings()["compression_ratio"] == 0.1 and "steps" not in state.settings()
-    assert state.stats()["cnc_ratio"] is None
+    settings = ExchangeSettings(compression="adaptive", compression_ratio=0.1)
+    assert isinstance(make_exchanger(OneRankComm(), settings), SparseExchanger)
+    with pytest.raises(TypeError, match="not both"):
+        make_exchanger(OneRankComm(), settings, compression_ratio=0.2)
+    assert "ties compress" in settings.describe() and "ratio 0.1" in settings.describe()
+    assert settings.as_dict()["compression_ratio"] == 0.1 and "steps" not in settings.as_dict()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.compression_ratio = 0.2
+    assert ExchangeStats().summary(settings).cnc_ratio is None
+    assert ExchangeSettings().describe().startswith("gradient compression: none")
+
+
+def test_settings_from_config_take_every_compression_flag():
+    from scadles.config import parse_args
+
+    cfg = parse_args(["--compression", "adaptive", "--compressor", "qsgd",
+                      "--compression-ratio", "0.2", "--adaptive-signal", "gradnorm-change",
+                      "--gradnorm-threshold", "0.7", "--gradnorm-interval", "4",
+                      "--delta-threshold", "0.4", "--ewma-alpha", "0.3"])
+    assert ExchangeSettings.from_config(cfg) == ExchangeSettings(
+        compression="adaptive", compressor="qsgd", compression_ratio=0.2,
+        error_feedback=cfg.error_feedback, adaptive_signal="gradnorm-change",
+        delta_threshold=0.4, ewma_alpha=0.3, gradnorm_threshold=0.7, gradnorm_interval_steps=4)
+
+
+def test_both_exchangers_summarize_alike_and_resume_their_counters():
+    params = named((10,), (3, 4))
+    for _, p in params:
+        p.grad = torch.ones_like(p)
+    dense = make_exchanger(OneRankComm())
+    sparse = make_exchanger(OneRankComm(), compression="static", compression_ratio=0.5)
+    for ex in (dense, sparse):
+        ex.exchange(params, 1.0, 0)
+        assert isinstance(ex.summary(), ExchangeSummary)
+    assert dense.summary().to_dict() == {
+        "steps": 1, "compressed_steps": 0, "dense_steps": 1, "cnc_ratio": 0.0, "switches": 0,
+        "bytes_sent_total": 88, "floats_sent_total": 22, "compress_s_total": 0.0}
+    entry = sparse.summary().to_dict()
+    assert list(entry) == ["steps", "compressed_steps", "dense_steps", "cnc_ratio", "switches",
+                           "bytes_sent_total", "floats_sent_total", "compress_s_total",
+                           "signal_min", "signal_max", "hint"]
+    assert entry["compressed_steps"] == 1 and entry["cnc_ratio"] is None
+    # The checkpoint layout a resume reads (and older checkpoints wrote).
+    assert list(sparse.state_dict()) == ["settings", "counters", "memory", "signal"]
+    assert list(sparse.state_dict()["counters"]) == [
+        "steps", "compressed_steps", "dense_steps", "switches", "bytes_sent_total",
+        "floats_sent_total", "compress_s_total", "last_compressed", "signal_min", "signal_max"]
+    resumed = make_exchanger(OneRankComm())
+    resumed.load_state_dict({"counters": {"steps": 4, "bytes_sent_total": 352,
+                                          "floats_sent_total": 88}})  # an older dense one
+    assert resumed.summary().dense_steps == 4 and resumed.summary().bytes_sent_total == 352
 
 
 def test_orig_signal_through_the_exchanger_restarts_with_the_epoch():

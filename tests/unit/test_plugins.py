@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from scadles.compress import (CompressionState, check_compressor, make_compressor,
-                              make_exchanger)
+from scadles.compress import check_compressor, make_compressor
 from scadles.compress.identity import IdentityCompressor
 from scadles.compress.qsgd import QSGDCompressor
 from scadles.compress.topk import TopKCompressor
 from scadles.config import parse_args
+from scadles.exchange import ExchangeSettings, make_exchanger
 from scadles.models import build_model
 from streamsim.datasets import ArrayDataset, load_dataset
 from streamsim.plugins import PluginError, load_object
@@ -99,12 +99,12 @@ def test_ratio_goes_to_a_constructor_that_takes_it():
     assert make_compressor("topk", 0.05).compression_ratio == 0.05
     assert isinstance(make_compressor("qsgd", 0.05), QSGDCompressor)  # no ratio: ignored
     check_compressor("mycomp:RandomK", 0.3)
-    state = CompressionState(compressor="qsgd")
-    assert "qsgd" in state.describe() and "ratio" not in state.describe()
-    assert "mycomp:RandomK, ratio 0.2" in CompressionState(
-        compressor="mycomp:RandomK", compression_ratio=0.2).describe()
+    settings = ExchangeSettings(compression="static", compressor="qsgd")
+    assert "qsgd" in settings.describe() and "ratio" not in settings.describe()
+    assert "mycomp:RandomK, ratio 0.2" in ExchangeSettings(
+        compression="static", compressor="mycomp:RandomK", compression_ratio=0.2).describe()
     with pytest.raises(ValueError, match="compressor"):
-        CompressionState(compressor="nope")
+        ExchangeSettings(compressor="nope")
 
 
 # -- QSGD ----------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ Per step, on every rank i (``SparseExchanger.exchange``):
 1. g_l <- w_i x grad_l + residual_l for every layer l (w_i = b_i / B: the stream-rate weight
    is applied *before* compression, so what is dropped is measured in aggregate units), in
    one pass into a flat model-sized buffer whose views become the ``.grad``;
-2. compress each layer (Top-k by default), and the signal (``adaptive.py``) from the layer
-   norms and what the payloads keep of them (the ``gradnorm-change`` signal reads the local
-   gradient's norm before step 1 and needs no compression, so adaptive mode then
+2. compress each layer (Top-k by default), and the signal (``compress/adaptive.py``) from
+   the layer norms and what the payloads keep of them (the ``gradnorm-change`` signal reads
+   the local gradient's norm before step 1 and needs no compression, so adaptive mode then
    compresses after the vote);
 3. static mode compresses; adaptive mode allreduces one vote per rank and ``decide``s, so
    every rank takes the same path;
@@ -25,7 +25,7 @@ Per step, on every rank i (``SparseExchanger.exchange``):
      compressor offers it) and summed; g minus this rank's decompressed payload is the
      residual;
    dense: the residual rides along in g, the memory is cleared and g is sum-allreduced
-   (``aggregate.weighted_allreduce_``).
+   (``dense.weighted_allreduce_``).
 
 With ratio 1.0 the result equals the dense weighted aggregation sum_i w_i grad_i.
 
@@ -45,11 +45,13 @@ from typing import Sequence
 
 import torch
 
-from scadles.aggregate import weighted_allreduce_
-from scadles.compress import CompressionState, make_compressor
+from scadles.compress import make_compressor
 from scadles.compress.adaptive import StepNorms, decide, make_signal, vote
 from scadles.compress.memory import NoMemory, ResidualMemory
 from scadles.compress.topk import index_dtype
+from scadles.exchange.dense import weighted_allreduce_
+from scadles.exchange.settings import ExchangeSettings
+from scadles.exchange.stats import ExchangeStats, ExchangeSummary
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +63,31 @@ def _sq_norm(t: torch.Tensor) -> torch.Tensor:
 
 class SparseExchanger:
     """Compressed exchange with error feedback, every step (``static``) or by vote
-    (``adaptive``), with any compressor of the contract in ``compress/__init__.py``.
+    (``adaptive``), with any compressor of the contract in ``scadles/compress/__init__.py``.
 
     ``exchange`` replaces every ``.grad`` with the aggregate and returns the step's stats;
-    ``summary()`` the run's; ``state_dict()`` holds this rank's residuals, signal state and
-    counters (residuals differ per rank: each rank checkpoints its own).
+    ``summary()`` the run's; ``state_dict()`` holds the settings and this rank's residuals,
+    signal state and counters (residuals differ per rank: each rank checkpoints its own).
     """
 
-    def __init__(self, comm, state: CompressionState, compressor=None, memory=None,
+    def __init__(self, comm, settings: ExchangeSettings, compressor=None, memory=None,
                  bucket_cap_mb: float = 25.0):
-        if state.compression not in ("static", "adaptive"):
+        if settings.compression not in ("static", "adaptive"):
             raise ValueError(f"SparseExchanger runs static or adaptive compression, "
-                             f"not {state.compression!r}")
+                             f"not {settings.compression!r}")
         self.comm = comm
-        self.state = state
+        self.settings = settings
+        self.stats = ExchangeStats()
         if compressor is None:
-            compressor = make_compressor(state.compressor, state.compression_ratio)
+            compressor = make_compressor(settings.compressor, settings.compression_ratio)
         self.compressor = compressor
         # (values, flat indices) payloads merge into one index_add_; others are packed.
         self._sparse_payload = bool(getattr(compressor, "sparse_payload", False))
         self._decompress_add = getattr(compressor, "decompress_add_", None)
         if memory is None:
-            memory = ResidualMemory() if state.error_feedback else NoMemory()
+            memory = ResidualMemory() if settings.error_feedback else NoMemory()
         self.memory = memory
-        self.signal = make_signal(state)
+        self.signal = make_signal(settings)
         self.bucket_cap_mb = bucket_cap_mb
         # Two flat model-sized buffers that swap roles every sparse step: the gradients
         # are weighted and compensated in one (which then keeps what Top-k left out, as the
@@ -122,7 +125,7 @@ class SparseExchanger:
         payloads = None
         layer_sq: list[float] = []
         kept_sq: list[float] = []
-        if self.state.compression == "static" or self.signal.needs_topk:
+        if self.settings.compression == "static" or self.signal.needs_topk:
             payloads = self._compress(named_params)
             layer_sq = torch.stack([_sq_norm(g) for g in grads]).tolist()
             kept_sq = torch.stack([_sq_norm(self._kept(payload, ctx))
@@ -132,7 +135,7 @@ class SparseExchanger:
 
         # 3: the group's choice.
         votes = None
-        if self.state.compression == "static":
+        if self.settings.compression == "static":
             compressed = True
         else:
             ballot = torch.tensor([float(vote(signal, self.signal.threshold))],
@@ -156,7 +159,7 @@ class SparseExchanger:
                                              self.bucket_cap_mb)
             floats_sent = numel
 
-        switched = self.state.record(compressed, bytes_sent, floats_sent, compress_s, signal)
+        switched = self.stats.record(compressed, bytes_sent, floats_sent, compress_s, signal)
         if switched and self.comm.rank == 0:
             log.info("step %d: %s -> %s (signal %s, %s of %d ranks voted to compress)", step,
                      "dense" if compressed else "compressed",
@@ -343,24 +346,24 @@ class SparseExchanger:
 
     # -- run summary and checkpoints ---------------------------------------------------------
 
-    def summary(self) -> dict:
-        return self.state.stats()
+    def summary(self) -> ExchangeSummary:
+        return self.stats.summary(self.settings)
 
     def state_dict(self) -> dict:
-        return {"settings": self.state.settings(), "counters": self.state.counters(),
+        return {"settings": self.settings.as_dict(), "counters": self.stats.state_dict(),
                 "memory": self.memory.state_dict(), "signal": self.signal.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if "settings" not in state:
             raise ValueError("checkpoint holds no compression state (was it written with "
                              f"compression='none'?); this run has "
-                             f"compression={self.state.compression!r}")
+                             f"compression={self.settings.compression!r}")
         saved = state["settings"]
         for key in ("compression", "compressor", "adaptive_signal", "error_feedback"):
-            if key in saved and saved[key] != getattr(self.state, key):
+            if key in saved and saved[key] != getattr(self.settings, key):
                 raise ValueError(f"checkpoint was written with {key}={saved[key]!r}, this run "
-                                 f"has {key}={getattr(self.state, key)!r}")
-        self.state.load_counters(state["counters"])
+                                 f"has {key}={getattr(self.settings, key)!r}")
+        self.stats.load_state_dict(state["counters"])
         device = self.comm.device
         self.memory.load_state_dict(state["memory"], device=device)
         self.signal.load_state_dict(state["signal"])
