@@ -216,6 +216,12 @@ class Config:
         return self.global_bsz or REF_BSZ_PER_DEVICE * self.devices
 
     @property
+    def pool_rate_per_s(self) -> float:
+        """The injection pool's rate (--inject-from pool), enough for every device's share:
+        the largest local batch per window."""
+        return self.max_train_bsz / self.window_s
+
+    @property
     def host_slots(self) -> list[tuple[str, int]]:
         """[(host, ranks)] from --hosts, else equal shares over --nnodes local nodes."""
         if self.hosts:
