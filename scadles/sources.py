@@ -1,4 +1,4 @@
-"""Where records come from: one topic's decoded records, read from Kafka or generated in-process.
+"""Where records come from: one topic's decoded records, from Kafka or generated in-process.
 
 A *source* gives the decoded records of one topic, in order, as ``(offset, record)`` pairs:
 ``KafkaSource`` reads a real topic; ``InProcessSource`` generates the identical records
@@ -39,8 +39,6 @@ SourcesFactory = Callable[[object, "str | int"], object]
 class SourceError(RuntimeError):
     """A topic that cannot be read (it does not exist, a commit was refused). An unreachable
     broker raises ``streamsim.broker.BrokerUnreachable``."""
-
-
 
 
 class RawRecord(NamedTuple):
