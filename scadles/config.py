@@ -32,7 +32,7 @@ from scadles.buffer import POLICIES
 from scadles.inject import INJECT_FROM, INJECT_WEIGHTS
 from scadles.sources import SOURCES
 from streamsim.cli import DefaultsHelpFormatter
-from streamsim.schedule import ARRIVALS, listed_rates
+from streamsim.schedule import ARRIVALS, listed_rates, make_schedules
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -486,8 +486,6 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
     except ValueError as e:
         raise ConfigError(f"bad --comm-model: {e}") from None
 
-    from streamsim.schedule import make_schedules
-
     listed = listed_rates(cfg.rates)
     if listed is not None:
         if len(listed) != cfg.devices:
@@ -684,7 +682,6 @@ def default_duration_s(cfg: Config) -> float:
     if cfg.max_stream_s is not None:
         return math.ceil(cfg.max_stream_s + 2 * cfg.window_s + 5)
     from scadles.clock import ComputeModel
-    from streamsim.schedule import make_schedules
 
     schedules = make_schedules(cfg.rates, cfg.devices, cfg.seed, cfg.rate_schedule)
     slowest = min(min(r for _, r in s.segments) for s in schedules) or 1.0
