@@ -28,20 +28,21 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scadles.buffer import POLICIES
+from scadles.inject import INJECT_FROM, INJECT_WEIGHTS
+from scadles.sources import SOURCES
 from streamsim.cli import DefaultsHelpFormatter
+from streamsim.schedule import ARRIVALS, listed_rates, make_schedules
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Allowed values come from the modules that own them: above, and in validate() the
+# compression modes and adaptive signals (scadles.compress imports torch, which importing
+# this module must not). Declared here: the modes (train.py) and backends (comm.py) own
+# them but import torch; no module lists the clocks or the rank starts.
 MODES = ("scadles", "ddp")
 BACKENDS = ("mpi", "gloo", "nccl")
-POLICIES = ("persistence", "truncation")
 CLOCKS = ("wall", "virtual")
-SOURCES = ("kafka", "inprocess")
-ARRIVALS = ("even", "poisson")
-COMPRESSIONS = ("none", "static", "adaptive")
-ADAPTIVE_SIGNALS = ("paper", "orig", "gradnorm-change")
-INJECT_FROM = ("devices", "pool")
-INJECT_WEIGHTS = ("all", "local")
 RANK_STARTS = ("auto", "fork", "spawn")
 REF_BSZ_PER_DEVICE = 64  # the paper's per-device batch: --global-bsz defaults to 64 x W
 MEASURED_STEP_GUESS_S = 10.0  # virtual clock, measured compute: a CPU step may take this long
@@ -216,6 +217,12 @@ class Config:
         return self.global_bsz or REF_BSZ_PER_DEVICE * self.devices
 
     @property
+    def pool_rate_per_s(self) -> float:
+        """The injection pool's rate (--inject-from pool), enough for every device's share:
+        the largest local batch per window."""
+        return self.max_train_bsz / self.window_s
+
+    @property
     def host_slots(self) -> list[tuple[str, int]]:
         """[(host, ranks)] from --hosts, else equal shares over --nnodes local nodes."""
         if self.hosts:
@@ -379,8 +386,6 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
     _one_of("--clock", cfg.clock, CLOCKS)
     _one_of("--source", cfg.source, SOURCES)
     _one_of("--arrivals", cfg.arrivals, ARRIVALS)
-    _one_of("--compression", cfg.compression, COMPRESSIONS)
-    _one_of("--adaptive-signal", cfg.adaptive_signal, ADAPTIVE_SIGNALS)
     _one_of("--inject-from", cfg.inject_from, INJECT_FROM)
     _one_of("--inject-weight", cfg.inject_weight, INJECT_WEIGHTS)
     _one_of("--rank-start", cfg.rank_start, RANK_STARTS)
@@ -388,6 +393,11 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
         raise ConfigError("--rank-start fork cannot start nccl ranks (a CUDA context does not "
                           "survive a fork): use --rank-start spawn or auto")
 
+    from scadles.compress import MODES as COMPRESSIONS
+    from scadles.compress.adaptive import SIGNALS as ADAPTIVE_SIGNALS
+
+    _one_of("--compression", cfg.compression, COMPRESSIONS)
+    _one_of("--adaptive-signal", cfg.adaptive_signal, ADAPTIVE_SIGNALS)
     _validate_plugins(cfg, check_environment)
     if not re.fullmatch(r"iid|noniid|dirichlet:\d*\.?\d+(e-?\d+)?", cfg.partition) \
             or (cfg.partition.startswith("dirichlet:") and not float(cfg.partition[10:]) > 0):
@@ -476,10 +486,8 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
     except ValueError as e:
         raise ConfigError(f"bad --comm-model: {e}") from None
 
-    from streamsim.schedule import make_schedules
-
-    listed = re.split(r"[,\s]+", cfg.rates.strip())
-    if all(re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", v) for v in listed):
+    listed = listed_rates(cfg.rates)
+    if listed is not None:
         if len(listed) != cfg.devices:
             raise ConfigError(f"--rates lists {len(listed)} rate(s) for {cfg.devices} "
                               f"device(s) (--world-size x --devices-per-rank): give one rate "
@@ -674,7 +682,6 @@ def default_duration_s(cfg: Config) -> float:
     if cfg.max_stream_s is not None:
         return math.ceil(cfg.max_stream_s + 2 * cfg.window_s + 5)
     from scadles.clock import ComputeModel
-    from streamsim.schedule import make_schedules
 
     schedules = make_schedules(cfg.rates, cfg.devices, cfg.seed, cfg.rate_schedule)
     slowest = min(min(r for _, r in s.segments) for s in schedules) or 1.0

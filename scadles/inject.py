@@ -28,7 +28,7 @@ records injected (what a push would send); reading a peer's window costs ``read_
 drawn), reported in ``summary()``.
 
 Pool form (``inject_from="pool"``): a producer fills one shared topic with an IID sample of
-the whole training set (``fill_pool`` / ``python -m scadles.inject fill-pool``); every device
+the whole training set (``streamsim.pool``: ``python -m streamsim.pool``); every device
 takes up to ``beta x (its local batch size)`` per step from the pool's current window, with
 its own offsets. ``alpha`` only switches it on (``alpha == 0`` turns injection off).
 
@@ -46,9 +46,12 @@ and, by default (``inject_weight="all"``, the paper's choice), count in the devi
 the weighted aggregation. ``inject_weight="local"`` keeps b_i = local samples only (the
 injected ones still shape the device's mean gradient, but not its weight).
 
+Where the peers' records come from is not the injector's business: it opens each peer
+through a sources factory (``scadles.sources``: Kafka topics or in-process twins).
+
 The trainer's seam::
 
-    factory = sources_factory(cfg, rank, dataset, streams, stream_start_s, topic_prefix)
+    factory = sources.sources_factory(cfg, rank, dataset, streams, stream_start_s, prefix)
     injector = make_injector(cfg, rank, factory)   # None when alpha == 0
     ...                                            # after the local batch is formed:
     batch, inj = injector.augment(batch, clock, step) if injector else (batch, NO_INJECTION)
@@ -56,35 +59,26 @@ The trainer's seam::
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
-import os
-import sys
-import threading
 import time
 from collections import deque
-from typing import Callable
 
 import numpy as np
 
+from scadles.sources import POOL, SourcesFactory
 from streamsim.record import HEADER_BYTES, EndOfStream, Sample
 
 log = logging.getLogger(__name__)
 
-POOL = "pool"            # the peer key of the shared pool topic
-POOL_DEVICE = 0xFFFF     # device id written in pool records (the header's device is uint16)
 INJECT_FROM = ("devices", "pool")
 INJECT_WEIGHTS = ("all", "local")
 _INJECT_STREAM = 0x1A7E  # separates injection draws from other users of the same seed
-_POOL_STREAM = 0x9001    # the pool's shuffle seed, apart from every device stream's
 _EPS = 1e-9              # float slack: 0.7 x 10 must give 7, not 8
 
 NO_INJECTION = {"injected": 0, "injected_bytes": 0, "injected_from": [],
                 "injected_counts": []}
-
-SourcesFactory = Callable[[object, "str | int"], object]
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,200 +410,12 @@ def _concat(batch, samples: list[Sample]):
 def make_injector(cfg, device: int, sources_factory: SourcesFactory,
                   world_size: int | None = None) -> Injector | None:
     """The injector of ``device`` for a run's config (``alpha``, ``beta``, ``inject_from``,
-    ``window_s``, ``seed``, ``world_size``; ``inject_weight`` if the config has it), or None
-    when injection is off (``alpha == 0`` or ``beta == 0``) or there is nobody to inject
-    from. ``sources_factory``: see ``Injector`` (``sources_factory()`` builds one)."""
+    ``inject_weight``, ``window_s``, ``seed``, ``world_size``), or None when injection is
+    off (``alpha == 0`` or ``beta == 0``) or there is nobody to inject from.
+    ``sources_factory``: see ``Injector`` (``scadles.sources.sources_factory`` builds one)."""
     world_size = int(cfg.world_size if world_size is None else world_size)
     alpha, beta = float(cfg.alpha), float(cfg.beta)
-    inject_from = getattr(cfg, "inject_from", "devices")
-    if alpha == 0 or beta == 0 or (inject_from == "devices" and world_size < 2):
+    if alpha == 0 or beta == 0 or (cfg.inject_from == "devices" and world_size < 2):
         return None
     return Injector(device, world_size, alpha, beta, cfg.window_s, cfg.seed, sources_factory,
-                    inject_from=inject_from,
-                    inject_weight=getattr(cfg, "inject_weight", "all"))
-
-
-def inject_group_id(group_prefix: str, reader: int, key) -> str:
-    """The Kafka group holding ``reader``'s offsets on peer ``key``'s topic: distinct per
-    (reader, peer), so a device's own consumer group is never touched."""
-    return f"{group_prefix}inject-{reader}-from-{key}"
-
-
-def kafka_sources_factory(bootstrap: str, topic_prefix: str, reader: int,
-                          num_classes: int | None, sample_shape: tuple[int, int, int] | None,
-                          group_prefix: str = "", pool_topic: str | None = None,
-                          consumer_settings: dict | None = None) -> SourcesFactory:
-    """Sources on the real topics: ``<topic_prefix><device>`` for a device, ``pool_topic``
-    for ``POOL``."""
-    from scadles.buffer import KafkaSource
-
-    def open_source(key, start="beginning"):
-        if key == POOL:
-            if not pool_topic:
-                raise ValueError("injection from the pool needs a pool topic (--pool-topic)")
-            topic, device = pool_topic, POOL_DEVICE
-        else:
-            topic, device = f"{topic_prefix}{key}", int(key)
-        return KafkaSource(bootstrap, topic, inject_group_id(group_prefix, reader, key), device,
-                           num_classes=num_classes, sample_shape=sample_shape, start=start,
-                           consumer_settings=consumer_settings)
-
-    return open_source
-
-
-def inprocess_sources_factory(streams, dataset, start_time_s: float,
-                              duration_s: float | None = None,
-                              pool_stream=None) -> SourcesFactory:
-    """Sources generated in-process from the devices' ``DeviceStream``s (indexed by device)
-    and, for ``POOL``, ``pool_stream``: the same records the topics would hold."""
-    from scadles.buffer import InProcessSource
-
-    def open_source(key, start="beginning"):
-        stream = pool_stream if key == POOL else streams[int(key)]
-        if stream is None:
-            raise ValueError("in-process injection from the pool needs a pool stream "
-                             "(make_pool_stream)")
-        return InProcessSource(stream, dataset, start_time_s, duration_s,
-                               start=start if isinstance(start, int) else 0)
-
-    return open_source
-
-
-def make_pool_stream(dataset, rate_per_s: float, seed: int, arrivals: str = "even"):
-    """The pool's stream: the whole training set (an IID sample), replayed in a fresh
-    shuffled order each pass, at ``rate_per_s``; records carry device id ``POOL_DEVICE``."""
-    from streamsim.schedule import RateSchedule
-    from streamsim.stream import DeviceStream
-
-    if not rate_per_s > 0:
-        raise ValueError(f"pool rate {rate_per_s}: must be > 0 samples/s")
-    return DeviceStream(dataset, np.arange(len(dataset)), RateSchedule([(0.0, rate_per_s)]),
-                        POOL_DEVICE, seed, arrivals)
-
-
-def default_pool_rate(cfg) -> float:
-    """A pool rate that covers every device's share: the largest local batch per window."""
-    return cfg.max_train_bsz / cfg.window_s
-
-
-def sources_factory(cfg, device: int, dataset, streams, start_time_s: float,
-                    topic_prefix: str | None = None) -> SourcesFactory:
-    """The peer sources a run's config asks for (``cfg.source``: kafka or inprocess).
-
-    ``streams``: every device's ``DeviceStream`` (in-process runs; unused with Kafka);
-    ``start_time_s``: event time of stream second 0 (in-process); ``topic_prefix``: the
-    run's device-topic prefix (default ``cfg.topic_prefix``), also the prefix of the Kafka
-    groups ``<prefix>inject-<device>-from-<peer>``. In-process pools stream at
-    ``default_pool_rate(cfg)``."""
-    prefix = cfg.topic_prefix if topic_prefix is None else topic_prefix
-    pooled = getattr(cfg, "inject_from", "devices") == "pool"
-    if cfg.source == "inprocess":
-        pool = make_pool_stream(dataset, default_pool_rate(cfg), cfg.seed) if pooled else None
-        return inprocess_sources_factory(streams, dataset, start_time_s, cfg.duration_s, pool)
-    from streamsim.kafkaconfig import load_client_config
-
-    return kafka_sources_factory(cfg.bootstrap, prefix, device, dataset.num_classes,
-                                 dataset.sample_shape, group_prefix=prefix,
-                                 pool_topic=cfg.pool_topic if pooled else None,
-                                 consumer_settings=load_client_config(
-                                     getattr(cfg, "kafka_config", None)))
-
-
-# --------------------------------------------------------------------------------------------
-# The pool producer
-# --------------------------------------------------------------------------------------------
-
-def fill_pool(bootstrap: str, dataset, topic: str, rate_per_s: float, duration_s: float,
-              pace: str, seed: int, start_time_s: float | None = None,
-              arrivals: str = "even", stop: threading.Event | None = None,
-              client_config: dict | None = None, replication_factor: int = 1) -> dict:
-    """Stream an IID sample of ``dataset`` (``make_pool_stream``) onto ``topic`` for
-    ``duration_s`` stream seconds, then an end-of-stream marker; a summary.
-
-    The producer is ``streamsim.produce.produce`` with one stream on an explicit topic: the
-    same records, timestamps, deadline pacing and send-failure accounting (``failed`` in the
-    summary). ``stop`` (or SIGINT/SIGTERM in the main thread) ends it early; the marker is
-    still written. ``client_config``: connection settings (SASL/SSL, ...);
-    ``replication_factor``: of the pool topic when it is created."""
-    from streamsim.produce import produce
-
-    stream = make_pool_stream(dataset, rate_per_s, seed, arrivals)
-    summary = produce(bootstrap, [stream], dataset, duration_s, pace,
-                      start_time_s=start_time_s, workers=1, stop=stop, topics=[topic],
-                      client_config=client_config, replication_factor=replication_factor)
-    return {"topic": topic, "records": summary["records"], "failed": summary["failed"],
-            "stream_s": summary["stream_s"], "rate_per_s": rate_per_s, "pace": pace,
-            "start_time_s": summary["start_time_s"], "elapsed_s": summary["elapsed_s"],
-            "interrupted": summary["interrupted"]}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from streamsim import logsetup
-    from streamsim.cli import DefaultsHelpFormatter
-
-    logsetup.configure("inject")
-    parser = argparse.ArgumentParser(prog="python -m scadles.inject",
-                                     description="Randomized data injection tools.",
-                                     formatter_class=DefaultsHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    fill = commands.add_parser("fill-pool", help="stream an IID sample of a dataset onto the "
-                                                 "shared pool topic (--inject-from pool)",
-                               formatter_class=DefaultsHelpFormatter)
-    fill.add_argument("--bootstrap", required=True, help="HOST:PORT of the broker")
-    fill.add_argument("--kafka-config", default=os.environ.get("KAFKA_CONFIG") or None,
-                      metavar="FILE", help="Kafka client settings, key=value per line "
-                      "(SASL/SSL: streamsim.kafkaconfig; default $KAFKA_CONFIG)")
-    fill.add_argument("--replication-factor", type=int, default=1,
-                      help="replicas of the pool topic when it is created")
-    fill.add_argument("--dataset", required=True)
-    fill.add_argument("--data-dir", default=None)
-    fill.add_argument("--image-size", type=int, default=224, help="imagefolder only")
-    fill.add_argument("--topic", required=True, help="the pool topic (--pool-topic)")
-    fill.add_argument("--rate", type=float, required=True, help="samples/s")
-    fill.add_argument("--duration", type=float, required=True, help="stream seconds")
-    fill.add_argument("--pace", choices=("realtime", "virtual"), required=True)
-    fill.add_argument("--seed", type=int, default=0,
-                      help="seed of the replay order (and of poisson arrivals)")
-    fill.add_argument("--arrivals", choices=("even", "poisson"), default="even",
-                      help="arrival times at --rate")
-    fill.add_argument("--start-time", type=float, default=None,
-                      help="event-time origin, epoch seconds (default: now for realtime, "
-                           "VIRTUAL_EPOCH_S for virtual)")
-    args = parser.parse_args(argv)
-
-    from streamsim.broker import BrokerError, BrokerUnreachable
-    from streamsim.datasets import DatasetError, load_dataset
-
-    from streamsim.kafkaconfig import load_client_config
-
-    try:
-        client_config = load_client_config(args.kafka_config)
-        dataset = load_dataset(args.dataset, "train", args.data_dir, False, args.image_size,
-                               args.seed)
-    except (ValueError, DatasetError) as e:
-        print(f"fill-pool: {e}", file=sys.stderr)
-        return 2
-    try:  # SIGINT/SIGTERM stop it cleanly (produce's handlers)
-        summary = fill_pool(args.bootstrap, dataset, args.topic, args.rate, args.duration,
-                            args.pace, args.seed, args.start_time, args.arrivals,
-                            client_config=client_config,
-                            replication_factor=args.replication_factor)
-    except ValueError as e:
-        print(f"fill-pool: {e}", file=sys.stderr)
-        return 2
-    except (BrokerUnreachable, BrokerError, RuntimeError) as e:  # a failed send included
-        print(f"fill-pool: {e}", file=sys.stderr, flush=True)
-        return 1
-    print(f"pool {summary['topic']}: {summary['records']} records over "
-          f"{summary['stream_s']:g} s of stream ({summary['rate_per_s']:g}/s, "
-          f"{summary['pace']}) in {summary['elapsed_s']:.1f} s", flush=True)
-    if summary["failed"]:
-        print(f"fill-pool: {summary['failed']} records could not be written to "
-              f"{summary['topic']} (the broker refused them): see the log above; rerun "
-              "fill-pool once the broker is healthy", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+                    inject_from=cfg.inject_from, inject_weight=cfg.inject_weight)

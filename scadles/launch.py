@@ -257,12 +257,10 @@ class Launcher:
 
     def _start_pool_producer(self) -> None:
         """The shared injection pool: an IID sample of the training set on --pool-topic."""
-        from scadles.inject import default_pool_rate
-
         cfg = self.cfg
-        cmd = [sys.executable, "-m", "scadles.inject", "fill-pool", "--bootstrap",
-               cfg.bootstrap, "--dataset", cfg.dataset, "--topic", cfg.pool_topic,
-               "--rate", repr(default_pool_rate(cfg)), "--duration", repr(cfg.duration_s),
+        cmd = [sys.executable, "-m", "streamsim.pool", "--bootstrap", cfg.bootstrap,
+               "--dataset", cfg.dataset, "--topic", cfg.pool_topic,
+               "--rate", repr(cfg.pool_rate_per_s), "--duration", repr(cfg.duration_s),
                "--pace", "virtual" if cfg.clock == "virtual" else "realtime",
                "--seed", str(cfg.seed), "--arrivals", cfg.arrivals,
                "--start-time", repr(cfg.stream_start_s), "--image-size", str(cfg.image_size)]
@@ -541,7 +539,7 @@ def _first_failure(logs: list[Path]) -> tuple[Path | None, str | None]:
     for path in logs:
         for line in reversed(_tail_lines(path, 20)):
             match = FAILED_LINE.match(line)
-            if match or re.match(r"^(produce|fill-pool): ", line):
+            if match or re.match(r"^(produce|pool): ", line):
                 cause = match.group(1) if match else line.split(": ", 1)[1]
                 bare = re.match(r"^[\w.]*(Error|Exception|Interrupt)\w*: ", cause) is not None
                 try:

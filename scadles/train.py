@@ -45,8 +45,7 @@ import torch.nn.functional as F
 
 from scadles import checkpoint, metrics
 from scadles.aggregate import aggregation_weight, multistep_factor, step_lr
-from scadles.buffer import (InProcessSource, KafkaSource, SourceError, StreamBuffer,
-                            StreamStalled)
+from scadles.buffer import StreamBuffer, StreamStalled
 from scadles.clock import CommModel, ComputeModel, VirtualClock, WallClock
 from scadles.comm import env_rank, make_comm, share_cpu_threads
 from scadles.config import Config, parse_args
@@ -54,6 +53,7 @@ from scadles.devices import devices_in_process, exclusive, run_devices
 from scadles.exchange import ExchangeSettings, make_exchanger
 from scadles.models import build_model
 from scadles.optim import SGD
+from scadles.sources import InProcessSource, KafkaSource, SourceError, sources_factory
 from streamsim import logsetup
 from streamsim.broker import BrokerUnreachable
 from streamsim.datasets import DatasetError, load_dataset
@@ -134,8 +134,8 @@ def make_injector(cfg: Config, rank: int, info: dict, train_set, streams):
         return None
     from scadles import inject
 
-    factory = inject.sources_factory(cfg, rank, train_set, streams, info["stream_start_s"],
-                                     topic_prefix=info["topic_prefix"])
+    factory = sources_factory(cfg, rank, train_set, streams, info["stream_start_s"],
+                              topic_prefix=info["topic_prefix"])
     return inject.make_injector(cfg, rank, factory)
 
 

@@ -44,7 +44,7 @@ from streamsim import record
 
 PACES = ("realtime", "virtual")
 DEFAULT_TOPIC_PREFIX = "trainer-"
-PRODUCER_CONFIG = {  # the base (scadles.inject uses it as is); PACE_PRODUCER_CONFIG on top
+PRODUCER_CONFIG = {  # the base; PACE_PRODUCER_CONFIG on top
     "acks": 1,
     # Not idempotent: a retry may write a batch twice, and the trainer's buffer drops and
     # counts the repeated sequence numbers. Measured with bench_streams.py --idempotent

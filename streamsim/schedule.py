@@ -39,6 +39,8 @@ RATE_FORMS = ("a list of one rate per device ('92 22 62' or '92,22,62')", "S1", 
               "S20", "normal:MEAN,SD", "uniform:LO,HI", "piecewise T:RATE,T:RATE",
               "a CSV trace path (t_seconds,device,rate)")
 RATE_SCHEDULE_FORMS = ("constant", "rotate:SEC", "scale:T:F,T:F")
+RATE_LIST_SEPARATOR = re.compile(r"[,\s]+")  # between the rates of a listed spec
+RATE_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?")  # one rate of a listed spec
 ARRIVALS = ("even", "poisson")
 _RATES_STREAM = 0x7A7E  # separates rate draws from other users of the same seed
 _BLOCK = 8192  # arrivals generated per step (fixed, so every consumer sees the same draws)
@@ -174,11 +176,18 @@ def parse_rates(spec: str | Sequence[float], world_size: int, seed: int) -> list
         drawn = rng.uniform(lo, hi, world_size)
     else:
         try:
-            values = [float(v) for v in re.split(r"[,\s]+", text) if v]
+            values = [float(v) for v in RATE_LIST_SEPARATOR.split(text) if v]
         except ValueError:
             raise ValueError(f"rates {spec!r}: use {'; '.join(RATE_FORMS[:7])}") from None
         return _explicit(values, spec, world_size)
     return np.maximum(drawn, 1.0).tolist()
+
+
+def listed_rates(spec: str) -> list[str] | None:
+    """The items of a rate list ('92 22 62' or '92,22,62'), or None when ``spec`` is not a
+    list of numbers (a named or parametric distribution, piecewise rates, a trace)."""
+    items = RATE_LIST_SEPARATOR.split(spec.strip())
+    return items if all(RATE_NUMBER.fullmatch(v) for v in items) else None
 
 
 def _explicit(values: list[float], spec: str, world_size: int) -> list[float]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from scadles.config import parse_args
-from scadles.inject import sources_factory
+from scadles.sources import sources_factory
 from scadles.train import open_source
 from streamsim.broker import admin_client, create_topics
 from streamsim.datasets import ArrayDataset

@@ -15,10 +15,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from scadles.buffer import KafkaSource, StreamBuffer
+from scadles.buffer import StreamBuffer
 from scadles.clock import VirtualClock
-from scadles.inject import POOL, POOL_DEVICE, Injector, inject_group_id, kafka_sources_factory
+from scadles.inject import Injector
+from scadles.sources import POOL, KafkaSource, inject_group_id, kafka_sources_factory
 from streamsim.partition import make_partition
+from streamsim.pool import POOL_DEVICE
 from streamsim.produce import build_streams, produce
 from streamsim.record import EndOfStream
 
@@ -151,7 +153,7 @@ def test_pool_injection_from_a_filled_pool_topic(produced, repo_env, unique_name
     p = produced
     topic = f"{unique_name}pool"
     done = subprocess.run(
-        [sys.executable, "-m", "scadles.inject", "fill-pool", "--bootstrap", p.bootstrap,
+        [sys.executable, "-m", "streamsim.pool", "--bootstrap", p.bootstrap,
          "--dataset", "fashion-mnist", "--topic", topic, "--rate", "64", "--duration",
          str(DURATION_S), "--pace", "virtual", "--seed", "3"],
         env=repo_env, capture_output=True, text=True, timeout=120)

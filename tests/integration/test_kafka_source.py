@@ -7,8 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from scadles.buffer import InProcessSource, KafkaSource, SourceError, StreamBuffer
+from scadles.buffer import StreamBuffer
 from scadles.clock import VirtualClock, WallClock
+from scadles.sources import InProcessSource, KafkaSource, SourceError
 from streamsim.broker import BrokerUnreachable, create_topics, free_port
 from streamsim.datasets import ArrayDataset
 from streamsim.produce import produce, topic_name

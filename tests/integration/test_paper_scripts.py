@@ -119,7 +119,7 @@ def test_data_injection_trains_labels_the_device_lacks(broker, tmp_path):
         ("datainjection_resnet152.sh", script_env(broker, tmp_path / "inject",
                                                   WORLD_SIZE=str(world_size),
                                                   MAX_STEPS=str(steps))),
-        # The same from the shared pool: the launcher starts `scadles.inject fill-pool`.
+        # The same from the shared pool: the launcher starts `streamsim.pool`.
         ("datainjection_resnet152.sh", script_env(broker, tmp_path / "inject-pool",
                                                   WORLD_SIZE=str(world_size),
                                                   MAX_STEPS=str(steps), INJECT_FROM="pool",

@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from scadles.buffer import (Batch, InProcessSource, RawRecord, RecordDecoder, StreamBuffer,
-                            StreamStalled)
+from scadles.buffer import Batch, StreamBuffer, StreamStalled
 from scadles.clock import VirtualClock, WallClock
+from scadles.sources import InProcessSource, RawRecord, RecordDecoder
 from streamsim.datasets import ArrayDataset
 from streamsim.record import VIRTUAL_EPOCH_S, EndOfStream, Sample, encode, encode_eos
 from streamsim.schedule import RateSchedule
@@ -262,7 +262,7 @@ def test_malformed_records_are_counted_logged_once_and_never_batched(caplog):
         seq, offset = seq + 1, offset + 2
     raw.append(RawRecord(offset, encode_eos(0, seq), int(T0 * 1000) + seq))
     buf = StreamBuffer(ListSource(raw), capacity=100)
-    with caplog.at_level(logging.WARNING, logger="scadles.buffer"):
+    with caplog.at_level(logging.WARNING, logger="scadles.sources"):
         b = buf.next_fixed_batch(VirtualClock(), 100)
     assert b.seqs.tolist() == list(range(seq)) and b.ended
     assert buf.stats()["malformed"] == {kind: 2 for kind in bad}

@@ -43,7 +43,7 @@ def _help_of(monkeypatch, capsys, module: str, func: str, argv: list[str]) -> st
 @pytest.mark.parametrize("module,argv,shown", [
     ("scadles.launch", [], ["(default: smallcnn)", "(default: persistence)", "(default: 500)"]),
     ("scadles.predict", [], ["(default: persistence)", "(default: 8)"]),
-    ("scadles.inject", ["fill-pool"], ["(default: even)", "(default: 224)"]),
+    ("streamsim.pool", [], ["(default: even)", "(default: 224)"]),
     ("streamsim.produce", [], ["(default: trainer-)", "(default: iid)", "(default: auto)"]),
     ("streamsim.inspect", [], ["(default: 600.0)", "(default: 1.0)"]),
     ("streamsim.datasets", [], ["(default: train)", "(default: 224)"]),

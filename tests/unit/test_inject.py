@@ -8,13 +8,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from scadles.buffer import Batch, InProcessSource, StreamBuffer
+from scadles.buffer import Batch, StreamBuffer
 from scadles.clock import VirtualClock, WallClock
-from scadles.inject import (POOL, POOL_DEVICE, Injector, choose_peers, inprocess_sources_factory,
-                            make_injector, make_pool_stream, num_peers, pick, share_count,
+from scadles.inject import (Injector, choose_peers, make_injector, num_peers, pick, share_count,
                             step_rng)
+from scadles.sources import POOL, InProcessSource, inprocess_sources_factory
 from streamsim.datasets import ArrayDataset
 from streamsim.partition import make_partition
+from streamsim.pool import POOL_DEVICE, make_pool_stream
 from streamsim.record import VIRTUAL_EPOCH_S
 from streamsim.schedule import RateSchedule
 from streamsim.stream import DeviceStream
@@ -288,8 +289,8 @@ def test_inject_weight_local_keeps_b_i_to_local_samples(dataset, world):
 
 def test_make_injector_off_when_alpha_or_beta_is_zero(dataset, world):
     factory = inprocess_sources_factory(world.streams, dataset, T0, DURATION_S)
-    cfg = SimpleNamespace(alpha=0.0, beta=0.25, inject_from="devices", window_s=1.0, seed=0,
-                          world_size=4)
+    cfg = SimpleNamespace(alpha=0.0, beta=0.25, inject_from="devices", inject_weight="all",
+                          window_s=1.0, seed=0, world_size=4)
     assert make_injector(cfg, 0, factory) is None
     cfg.alpha, cfg.beta = 0.25, 0.0
     assert make_injector(cfg, 0, factory) is None

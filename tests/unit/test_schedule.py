@@ -5,7 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from streamsim.schedule import RateSchedule, arrival_times, make_schedules, parse_rates
+from streamsim.schedule import (RateSchedule, arrival_times, listed_rates, make_schedules,
+                                parse_rates)
 
 PAPER_25 = "92 22 62 42 48 36 18 38 84 60 108 40 58 16 44 78 92 28 30 52 84 20 16 38 66"
 
@@ -204,3 +205,12 @@ def test_rate_schedule_validation():
         RateSchedule([(0.0, -1.0)])
     with pytest.raises(ValueError):
         RateSchedule([(0.0, 1.0), (5.0, 2.0)], period_s=5.0)
+
+
+@pytest.mark.parametrize("spec, items", [
+    ("92 22 62", ["92", "22", "62"]), (" 92,22 , 6.5e1 ", ["92", "22", "6.5e1"]),
+    ("-1,.5", ["-1", ".5"]), ("S10", None), ("normal:64,24", None), ("0:64,300:16", None),
+    ("rates.csv", None), ("1,x", None),
+])
+def test_listed_rates_tells_a_list_of_numbers_from_the_other_forms(spec, items):
+    assert listed_rates(spec) == items
