@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from typing import Callable, Iterable, NamedTuple, Protocol
@@ -118,7 +119,8 @@ class Source(Protocol):
 # --------------------------------------------------------------------------------------------
 
 class KafkaSource:
-    """One device topic (partition 0) read by a ``KafkaConsumer`` with manual assignment.
+    """One device topic (partition 0) read by a ``KafkaConsumer`` with manual assignment:
+    its own, or (``shared``) one that the devices of a process share (``SharedConsumer``).
 
     ``group_id`` is used only to store offsets (OffsetCommit / OffsetFetch): there is no group
     join, auto-commit is off and offsets are committed only by ``commit(offset)``.
@@ -153,9 +155,9 @@ class KafkaSource:
                  num_classes: int | None = None,
                  sample_shape: tuple[int, int, int] | None = None,
                  start: str | int = "committed", poll_timeout_ms: int = 100,
-                 consumer_settings: dict | None = None, broker_check_s: float = 3.0):
-        from kafka import KafkaConsumer, TopicPartition
-        from kafka.errors import KafkaError
+                 consumer_settings: dict | None = None, broker_check_s: float = 3.0,
+                 shared: "SharedConsumer | None" = None):
+        from kafka import TopicPartition
 
         if not (start in START_MODES or (isinstance(start, int) and start >= 0)):
             raise ValueError(f"start={start!r}: use 'committed', 'beginning' or an offset >= 0")
@@ -174,39 +176,19 @@ class KafkaSource:
         self._decoder = RecordDecoder(topic, device, num_classes, sample_shape)
         self.malformed = self._decoder.malformed
         self._tp = TopicPartition(topic, 0)
-        settings = dict(self.DEFAULT_SETTINGS)
-        settings.update(consumer_settings or {})
-        settings.update(bootstrap_servers=bootstrap, group_id=group_id,
-                        enable_auto_commit=False, allow_auto_create_topics=False,
-                        auto_offset_reset="earliest")
-        kafka_log = logging.getLogger("kafka")
-        level = kafka_log.level
-        kafka_log.setLevel(logging.CRITICAL)  # it logs every refused connection
-        try:
-            self._consumer = KafkaConsumer(**settings)
-        except KafkaError:
-            from streamsim.broker import FIX_HINT, BrokerUnreachable
-
-            timeout_s = settings["bootstrap_timeout_ms"] / 1000
-            raise BrokerUnreachable(f"Kafka broker at {bootstrap} is unreachable (no answer "
-                                    f"within {timeout_s:g} s): {FIX_HINT}") from None
-        finally:
-            kafka_log.setLevel(level)
-        try:
-            partitions = self._consumer.partitions_for_topic(topic)
-            if not partitions or 0 not in partitions:
-                raise SourceError(f"topic {topic!r} does not exist on {bootstrap}: create it "
-                                  f"(streamsim.broker.create_topics) before consuming")
-            self._consumer.assign([self._tp])
-            if start == "committed":
-                committed = self._consumer.committed(self._tp)
-                start = 0 if committed is None else committed
-            elif start == "beginning":
-                start = 0  # out of range after retention -> auto_offset_reset earliest
-            self._consumer.seek(self._tp, start)
-        except BaseException:
-            self._consumer.close()
-            raise
+        # Its own consumer, or its partition among those of a consumer the devices of one
+        # process share (--devices-per-rank): then every call on it takes the shared lock.
+        self._shared = shared
+        if shared is None:
+            self._consumer = SharedConsumer(bootstrap, group_id, consumer_settings)
+            try:
+                start = self._consumer.add(self._tp, start)
+            except BaseException:
+                self._consumer.close()
+                raise
+        else:
+            self._consumer = shared
+            start = shared.add(self._tp, start)
         self._position = int(start)
 
     def poll(self, timeout_s: float | None = None) -> list[tuple[int, Record]]:
@@ -216,10 +198,9 @@ class KafkaSource:
 
         timeout_ms = self.poll_timeout_ms if timeout_s is None else int(timeout_s * 1000)
         try:
-            batches = self._consumer.poll(timeout_ms=max(0, timeout_ms))
+            raw = self._consumer.poll(self._tp, max(0, timeout_ms))
         except KafkaError as e:
             self._raise_lost(f"reading topic {self.topic}", e)
-        raw = batches.get(self._tp)
         if not raw:
             if time.monotonic() >= self._next_check:
                 self.check_broker(quick=True)
@@ -264,8 +245,10 @@ class KafkaSource:
         from kafka.structs import OffsetAndMetadata
 
         try:
-            self._consumer.commit({self._tp: OffsetAndMetadata(int(offset), "", -1)},
-                                  timeout_ms=self.COMMIT_TIMEOUT_MS)
+            with self._consumer.lock:
+                self._consumer.consumer.commit(
+                    {self._tp: OffsetAndMetadata(int(offset), "", -1)},
+                    timeout_ms=self.COMMIT_TIMEOUT_MS)
         except KafkaError as e:
             self._raise_lost(f"committing offset {offset} of topic {self.topic}", e)
 
@@ -273,7 +256,9 @@ class KafkaSource:
         from kafka.errors import KafkaError
 
         try:
-            return self._consumer.committed(self._tp, timeout_ms=self.COMMIT_TIMEOUT_MS)
+            with self._consumer.lock:
+                return self._consumer.consumer.committed(self._tp,
+                                                         timeout_ms=self.COMMIT_TIMEOUT_MS)
         except KafkaError as e:
             self._raise_lost(f"reading the committed offset of topic {self.topic}", e)
 
@@ -282,16 +267,100 @@ class KafkaSource:
 
     def highwater(self) -> int | None:
         """The partition's high watermark as of the last fetch (None before one)."""
-        return self._consumer.highwater(self._tp)
+        with self._consumer.lock:
+            return self._consumer.consumer.highwater(self._tp)
 
     def close(self) -> None:
-        self._consumer.close()
+        self._consumer.release(self._tp)
 
     def __enter__(self) -> "KafkaSource":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class SharedConsumer:
+    """One ``KafkaConsumer`` for the device topics of one process, each device's partition
+    manually assigned (``KafkaSource(shared=...)``), so K simulated devices in a rank
+    (``--devices-per-rank``) read through one consumer, not K. Every call holds ``lock``
+    (a consumer is not thread-safe); a poll for one partition hands the records it brings
+    for the others to their queues. The consumer closes with its last partition."""
+
+    def __init__(self, bootstrap: str, group_id: str, consumer_settings: dict | None = None):
+        from kafka import KafkaConsumer
+        from kafka.errors import KafkaError
+
+        settings = dict(KafkaSource.DEFAULT_SETTINGS)
+        settings.update(consumer_settings or {})
+        settings.update(bootstrap_servers=bootstrap, group_id=group_id,
+                        enable_auto_commit=False, allow_auto_create_topics=False,
+                        auto_offset_reset="earliest")
+        self.bootstrap = bootstrap
+        self.lock = threading.RLock()
+        self.closed = False
+        self._queues: dict = {}  # TopicPartition -> deque of fetched, unread records
+        kafka_log = logging.getLogger("kafka")
+        level = kafka_log.level
+        kafka_log.setLevel(logging.CRITICAL)  # it logs every refused connection
+        try:
+            self.consumer = KafkaConsumer(**settings)
+        except KafkaError:
+            from streamsim.broker import FIX_HINT, BrokerUnreachable
+
+            timeout_s = settings["bootstrap_timeout_ms"] / 1000
+            raise BrokerUnreachable(f"Kafka broker at {bootstrap} is unreachable (no answer "
+                                    f"within {timeout_s:g} s): {FIX_HINT}") from None
+        finally:
+            kafka_log.setLevel(level)
+
+    def add(self, tp, start: str | int) -> int:
+        """Assign partition ``tp`` too (the others keep their positions) at ``start``
+        ("committed", "beginning" or an offset); returns the offset it starts at."""
+        with self.lock:
+            partitions = self.consumer.partitions_for_topic(tp.topic)
+            if not partitions or tp.partition not in partitions:
+                raise SourceError(f"topic {tp.topic!r} does not exist on {self.bootstrap}: "
+                                  f"create it (streamsim.broker.create_topics) before "
+                                  f"consuming")
+            self._queues[tp] = deque()
+            self.consumer.assign(list(self._queues))
+            if start == "committed":
+                committed = self.consumer.committed(tp)
+                start = 0 if committed is None else committed
+            elif start == "beginning":
+                start = 0  # out of range after retention -> auto_offset_reset earliest
+            self.consumer.seek(tp, start)
+            return int(start)
+
+    def poll(self, tp, timeout_ms: int) -> list:
+        """``tp``'s fetched records in offset order; polls the broker (up to
+        ``timeout_ms``) only when none are queued."""
+        with self.lock:
+            queue = self._queues[tp]
+            if not queue:
+                for part, records in self.consumer.poll(timeout_ms=timeout_ms).items():
+                    if part in self._queues:
+                        self._queues[part].extend(records)
+            out = list(queue)
+            queue.clear()
+            return out
+
+    def release(self, tp) -> None:
+        """``tp`` is done; the last partition closes the consumer."""
+        with self.lock:
+            if self._queues.pop(tp, None) is None:
+                return
+            if self._queues:
+                self.consumer.assign(list(self._queues))
+            else:
+                self.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self._queues.clear()
+            self.closed = True
+            self.consumer.close()
 
 
 class InProcessSource:

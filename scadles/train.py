@@ -53,7 +53,8 @@ from scadles.devices import devices_in_process, exclusive, run_devices
 from scadles.exchange import ExchangeSettings, make_exchanger
 from scadles.models import build_model
 from scadles.optim import SGD
-from scadles.sources import InProcessSource, KafkaSource, SourceError, sources_factory
+from scadles.sources import (InProcessSource, KafkaSource, SharedConsumer, SourceError,
+                             sources_factory)
 from streamsim import logsetup
 from streamsim.broker import BrokerUnreachable
 from streamsim.datasets import DatasetError, load_dataset
@@ -122,10 +123,30 @@ def open_source(cfg: Config, info: dict, device: int, train_set, start, streams=
                                cfg.duration_s, start=start if isinstance(start, int) else 0,
                                chunk_bytes=InProcessSource.CHUNK_BYTES // max(1, share))
     prefix = info["topic_prefix"]
+    settings = load_client_config(cfg.kafka_config)
+    shared = None
+    if share > 1:  # the process's devices read their topics through one consumer
+        first = device - device % share
+        shared = shared_consumer(cfg.bootstrap,
+                                 group or f"{prefix}trainer-{first}-{first + share - 1}",
+                                 settings)
     return KafkaSource(cfg.bootstrap, f"{prefix}{device}",
                        group or f"{prefix}trainer-{device}", device,
                        num_classes=train_set.num_classes, sample_shape=train_set.sample_shape,
-                       start=start, consumer_settings=load_client_config(cfg.kafka_config))
+                       start=start, consumer_settings=settings, shared=shared)
+
+
+_SHARED: dict[tuple, SharedConsumer] = {}  # shared_consumer's, per process
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_consumer(bootstrap: str, group_id: str, settings: dict) -> SharedConsumer:
+    """The one consumer this process's simulated devices read their topics through."""
+    with _SHARED_LOCK:
+        key = (bootstrap, group_id)
+        if key not in _SHARED or _SHARED[key].closed:
+            _SHARED[key] = SharedConsumer(bootstrap, group_id, settings)
+        return _SHARED[key]
 
 
 def make_injector(cfg: Config, rank: int, info: dict, train_set, streams):

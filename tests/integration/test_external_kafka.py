@@ -91,7 +91,7 @@ def test_settings_reach_every_client(broker, unique_name, kafka_config):
                sources_factory(cfg, 0, data, None, VIRTUAL_EPOCH_S, unique_name)(0)]
     for source in sources:
         try:
-            assert has_settings(source._consumer.config)
+            assert has_settings(source._consumer.consumer.config)
             got, deadline = [], time.monotonic() + 20
             while not got or not isinstance(got[-1][1], EndOfStream):
                 assert time.monotonic() < deadline

@@ -214,3 +214,33 @@ def test_a_broker_that_dies_is_named_not_taken_for_a_quiet_topic(unique_name, da
 def test_missing_topic_is_a_clear_error(broker, unique_name):
     with pytest.raises(SourceError, match="does not exist"):
         KafkaSource(broker, unique_name + "missing", unique_name, 0)
+
+
+def test_devices_of_one_process_share_one_consumer(broker, unique_name, dataset):
+    """Three device topics read through one SharedConsumer (--devices-per-rank): each
+    device gets exactly its own stream, every seq once and in order, then its marker, and
+    its commits are its own partition's; the consumer closes with the last device."""
+    from scadles.sources import SharedConsumer
+
+    streams = [device_stream(dataset, rate=200 * (d + 1), device=d) for d in range(3)]
+    produce(broker, streams, dataset, 2.0, "virtual", unique_name)
+    shared = SharedConsumer(broker, f"{unique_name}shared")
+    sources = [kafka_source(broker, topic_name(unique_name, d), f"{unique_name}{d}", device=d,
+                            start="beginning", shared=shared) for d in range(3)]
+    assert len(shared.consumer.assignment()) == 3  # one consumer, three partitions
+    got = [[] for _ in sources]
+    deadline = time.monotonic() + 30
+    while not all(g and isinstance(g[-1][1], EndOfStream) for g in got):
+        assert time.monotonic() < deadline
+        for d in (2, 0, 1):  # any order: a poll for one device queues the others' records
+            if not (got[d] and isinstance(got[d][-1][1], EndOfStream)):
+                got[d] += sources[d].poll(0.1)
+    for d, records in enumerate(got):
+        samples = [r for _, r in records[:-1]]
+        assert [s.seq for s in samples] == list(range(400 * (d + 1))), d
+        assert {s.device for s in samples} == {d}
+    sources[1].commit(123)
+    assert sources[1].committed() == 123 and sources[0].committed() is None
+    for source in sources:
+        source.close()
+    assert shared.closed
