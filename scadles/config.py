@@ -37,8 +37,8 @@ from streamsim.schedule import ARRIVALS, listed_rates, make_schedules
 REPO = Path(__file__).resolve().parents[1]
 
 # Allowed values come from the modules that own them: above, and in validate() the
-# compression modes and adaptive signals (scadles.compress imports torch, which importing
-# this module must not). Declared here: the modes (train.py) and backends (comm.py) own
+# compression modes (scadles.exchange) and adaptive signals (scadles.compress): both import
+# torch, which importing this module must not. Declared here: the modes (train.py) and backends (comm.py) own
 # them but import torch; no module lists the clocks or the rank starts.
 MODES = ("scadles", "ddp")
 BACKENDS = ("mpi", "gloo", "nccl")
@@ -393,8 +393,8 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
         raise ConfigError("--rank-start fork cannot start nccl ranks (a CUDA context does not "
                           "survive a fork): use --rank-start spawn or auto")
 
-    from scadles.compress import MODES as COMPRESSIONS
     from scadles.compress.adaptive import SIGNALS as ADAPTIVE_SIGNALS
+    from scadles.exchange.settings import MODES as COMPRESSIONS
 
     _one_of("--compression", cfg.compression, COMPRESSIONS)
     _one_of("--adaptive-signal", cfg.adaptive_signal, ADAPTIVE_SIGNALS)

@@ -135,3 +135,31 @@ def test_a_failing_device_stops_its_rank_with_one_line(tmp_path):
                    "--log-dir", str(log_dir)], clean_env(), check=False)
     assert proc.returncode != 0
     assert "failing at step 3" in (log_dir / "rank-1.log").read_text()
+
+
+def test_resume_with_devices_per_rank_holds_every_devices_state(tmp_path):
+    """2 ranks x 2 devices with static Top-k (each device's residuals) and a persistence
+    backlog (each device's buffer): device 3 dies at step 8, the run resumes from the
+    checkpoint of step 6 and ends exactly as the uninterrupted run: every device's rows,
+    samples each trained once, the parameters."""
+    from tests.integration.test_train_e2e import comparable
+
+    args = [*BASE, *CASES["static-topk"], "--world-size", "2", "--devices-per-rank", "2",
+            "--checkpoint-every", "3"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    launch([*args, "--log-dir", str(whole)], clean_env())
+    failed = launch([*args, "--log-dir", str(broken), "--fail-at-step", "8"], clean_env(),
+                    check=False)
+    assert failed.returncode != 0
+    assert (broken / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    launch([*args, "--log-dir", str(broken), "--resume"], clean_env())
+    for device in range(4):
+        rows = read_rows(broken, device, "train")
+        assert [r["step"] for r in rows] == list(range(1, 11))
+        assert comparable(rows) == comparable(read_rows(whole, device, "train")), device
+    assert read_rows(broken, 2, "train")[5]["buffer_len"] > 0  # a backlog at the checkpoint
+    a = torch.load(whole / "checkpoints" / "step-00000009" / "shared.pt", weights_only=False)
+    b = torch.load(broken / "checkpoints" / "step-00000009" / "shared.pt", weights_only=False)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert run_json(broken)["summary"]["devices"] == run_json(whole)["summary"]["devices"]
