@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from scadles.config import parse_args
 from streamsim.datasets import ArrayDataset
 from streamsim.partition import make_partition
 from streamsim.plan import StreamPlan, default_stream_start_s
@@ -80,6 +81,19 @@ def test_json_round_trip():
 def test_bad_plans_name_the_setting(fields, match):
     with pytest.raises(ValueError, match=match):
         StreamPlan(**fields)
+
+
+def test_the_config_plan_has_one_stream_per_device():
+    cfg = parse_args(["--world-size", "2", "--devices-per-rank", "2", "--rates", "16,24,40,64",
+                      "--partition", "noniid", "--rate-schedule", "rotate:30", "--seed", "3",
+                      "--arrivals", "poisson", "--clock", "virtual", "--source", "inprocess",
+                      "--max-steps", "5"], check_environment=False)
+    plan = cfg.stream_plan()
+    assert plan == StreamPlan(devices=4, rates="16,24,40,64", partition="noniid",
+                              rate_schedule="rotate:30", arrivals="poisson", seed=3,
+                              stream_start_s=None, duration_s=cfg.duration_s)
+    assert cfg.stream_plan(VIRTUAL_EPOCH_S).stream_start_s == VIRTUAL_EPOCH_S
+    assert cfg.device_view().stream_plan() == plan  # what each simulated device builds
 
 
 def test_default_stream_start():
