@@ -32,7 +32,8 @@ from scadles.buffer import POLICIES
 from scadles.inject import INJECT_FROM, INJECT_WEIGHTS
 from scadles.sources import SOURCES
 from streamsim.cli import DefaultsHelpFormatter
-from streamsim.schedule import ARRIVALS, listed_rates, make_schedules
+from streamsim.plan import StreamPlan
+from streamsim.schedule import ARRIVALS, listed_rates
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,6 +212,15 @@ class Config:
         """This run as one device per rank (D ranks of one device): what each simulated
         device trains with, so that it behaves exactly as its own process would."""
         return dataclasses.replace(self, world_size=self.devices, devices_per_rank=1)
+
+    def stream_plan(self, stream_start_s: float | None = None) -> StreamPlan:
+        """This run's streams (``streamsim.plan``): one per device (D of them), from
+        --partition, --rates, --rate-schedule, --arrivals, --seed and --duration-s, starting
+        at ``stream_start_s`` (default: this config's, None while not fixed yet)."""
+        start = self.stream_start_s if stream_start_s is None else stream_start_s
+        return StreamPlan(devices=self.devices, rates=self.rates, partition=self.partition,
+                          rate_schedule=self.rate_schedule, arrivals=self.arrivals,
+                          seed=self.seed, stream_start_s=start, duration_s=self.duration_s)
 
     @property
     def ref_global_bsz(self) -> int:
@@ -495,7 +505,7 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
         if min(float(v) for v in listed) <= 0:
             raise ConfigError(f"--rates {cfg.rates!r}: every rate must be > 0 samples/s")
     try:
-        make_schedules(cfg.rates, cfg.devices, cfg.seed, cfg.rate_schedule)
+        cfg.stream_plan()
     except ValueError as e:
         raise ConfigError(f"bad --rates/--rate-schedule: {e}") from None
     if cfg.devices_per_rank > 1 and cfg.clock != "virtual":
@@ -683,7 +693,7 @@ def default_duration_s(cfg: Config) -> float:
         return math.ceil(cfg.max_stream_s + 2 * cfg.window_s + 5)
     from scadles.clock import ComputeModel
 
-    schedules = make_schedules(cfg.rates, cfg.devices, cfg.seed, cfg.rate_schedule)
+    schedules = cfg.stream_plan().schedules
     slowest = min(min(r for _, r in s.segments) for s in schedules) or 1.0
     # scadles also waits for --min-train-bsz samples from the slowest stream.
     step_s = (max(cfg.window_s, cfg.min_train_bsz / slowest) if cfg.mode == "scadles"

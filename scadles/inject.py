@@ -51,7 +51,7 @@ through a sources factory (``scadles.sources``: Kafka topics or in-process twins
 
 The trainer's seam::
 
-    factory = sources.sources_factory(cfg, rank, dataset, streams, stream_start_s, prefix)
+    factory = sources.sources_factory(cfg, rank, dataset, plan, streams, prefix)
     injector = make_injector(cfg, rank, factory)   # None when alpha == 0
     ...                                            # after the local batch is formed:
     batch, inj = injector.augment(batch, clock, step) if injector else (batch, NO_INJECTION)

@@ -4,9 +4,11 @@
 2. Kafka (``--source kafka``, node 0 only): the external broker of ``--bootstrap`` /
    ``KAFKA_BOOTSTRAP`` (nothing is started; topics get a run-unique prefix unless
    ``--topic-prefix`` is given), else a private embedded broker, stopped at the end. Create
-   the device topics, start the producer (``python -m streamsim.produce``, paced ``virtual``
-   for ``--clock virtual``, ``realtime`` for ``wall``) with the run's stream start time.
-3. Write ``run.json`` (the partition summary included) and print the partition.
+   the device topics.
+3. Fix the stream start time, build the run's ``StreamPlan`` (``streamsim.plan``) once and
+   print its partition; start the producer on it (``python -m streamsim.produce``, paced
+   ``virtual`` for ``--clock virtual``, ``realtime`` for ``wall``); write ``run.json`` (the
+   plan and the partition summary included).
 4. Start the ranks, each writing its stdout and stderr to ``LOG_DIR/rank-R.log`` (rank 0's
    progress and summary also reach this terminal). ``mpi`` -> ``mpiexec -n W python -m
    scadles.train ...`` (the venv's MPICH; multi-node: hydra with a hostfile from
@@ -45,7 +47,7 @@ from pathlib import Path
 from scadles import metrics  # not checkpoint: it imports torch, which the launcher need not
 from scadles.config import REPO, Config, fail, find_mpiexec, parse_args
 from streamsim import logsetup
-from streamsim.record import VIRTUAL_EPOCH_S
+from streamsim.plan import StreamPlan, default_stream_start_s
 
 STOP_GRACE_S = 10.0
 INTERRUPT_GRACE_S = 120.0  # Ctrl-C: how long the ranks may take to finish their step
@@ -99,6 +101,7 @@ class Launcher:
         self.producer: subprocess.Popen | None = None
         self.pool_producer: subprocess.Popen | None = None
         self.broker = None
+        self.plan: StreamPlan | None = None  # the run's streams, once the start is fixed
         self.log_dir = Path(cfg.log_dir)
         self.rendezvous_dir: str | None = None
         self.env = dict(os.environ)
@@ -168,12 +171,15 @@ class Launcher:
         cfg = self.cfg
         if cfg.resume:
             self._resume_settings()
-        partition = self._partition_summary()
+        labels = self._train_labels()
         if cfg.source == "kafka":
             self._start_kafka()
         if cfg.stream_start_s is None:
-            cfg.stream_start_s = (VIRTUAL_EPOCH_S if cfg.clock == "virtual"
-                                  else time.time() + cfg.stream_delay_s)
+            cfg.stream_start_s = default_stream_start_s(virtual=cfg.clock == "virtual",
+                                                        delay_s=cfg.stream_delay_s)
+        self.plan = cfg.stream_plan()
+        part = self.plan.make_partition(labels)
+        print(part.format(), flush=True)
         if cfg.source == "kafka":
             self._start_producer()
             if cfg.alpha > 0 and cfg.inject_from == "pool":
@@ -183,7 +189,8 @@ class Launcher:
                 self.log_dir).get("resumed", []) + [{"at": time.time(),
                                                      "topic_prefix": cfg.topic_prefix}])
         else:
-            metrics.write_run_json(self.log_dir, cfg.to_dict(), partition,
+            metrics.write_run_json(self.log_dir, cfg.to_dict(), part.summary(),
+                                   stream_plan=self.plan.to_dict(),
                                    time_model=time_model(cfg))
 
     def _resume_settings(self) -> None:
@@ -199,19 +206,17 @@ class Launcher:
         folder = checkpoint.latest(self.log_dir)
         say(f"resuming from {folder}")
 
-    def _partition_summary(self) -> dict:
+    def _train_labels(self):
+        """The training split's labels, all the partition needs (loaded before anything
+        starts, so missing data is one line)."""
         from streamsim.datasets import DatasetError, load_dataset
-        from streamsim.partition import make_partition
 
         cfg = self.cfg
         try:
-            train_set = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download,
-                                     cfg.image_size, cfg.seed)
+            return load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download,
+                                cfg.image_size, cfg.seed).labels
         except DatasetError as e:
             raise SystemExit(f"launch: {e}")
-        part = make_partition(train_set.labels, cfg.devices, cfg.partition, cfg.seed)
-        print(part.format(), flush=True)
-        return part.summary()
 
     def _start_kafka(self) -> None:
         from streamsim import broker
@@ -235,19 +240,20 @@ class Launcher:
             raise SystemExit(f"launch: {e}")
 
     def _start_producer(self) -> None:
-        cfg = self.cfg
+        """``python -m streamsim.produce`` streaming the run's plan (its flags)."""
+        cfg, plan = self.cfg, self.plan
         cmd = [sys.executable, "-m", "streamsim.produce", "--bootstrap", cfg.bootstrap,
-               "--dataset", cfg.dataset, "--partition", cfg.partition,
-               "--world-size", str(cfg.devices), "--rates", cfg.rates,
-               "--arrivals", cfg.arrivals, "--duration", repr(cfg.duration_s),
+               "--dataset", cfg.dataset, "--partition", plan.partition,
+               "--world-size", str(plan.devices), "--rates", plan.rates,
+               "--arrivals", plan.arrivals, "--duration", repr(plan.duration_s),
                "--pace", "virtual" if cfg.clock == "virtual" else "realtime",
-               "--seed", str(cfg.seed), "--topic-prefix", cfg.topic_prefix,
-               "--start-time", repr(cfg.stream_start_s),
+               "--seed", str(plan.seed), "--topic-prefix", cfg.topic_prefix,
+               "--start-time", repr(plan.stream_start_s),
                "--image-size", str(cfg.image_size)]
         if cfg.data_dir:
             cmd += ["--data-dir", cfg.data_dir]
-        if cfg.rate_schedule:
-            cmd += ["--rate-schedule", cfg.rate_schedule]
+        if plan.rate_schedule:
+            cmd += ["--rate-schedule", plan.rate_schedule]
         cmd += self._kafka_args()
         log_file = open(self.log_dir / "producer.log", "ab")
         self.producer = self._spawn("producer", cmd, self.env, stdout=log_file)
@@ -257,13 +263,13 @@ class Launcher:
 
     def _start_pool_producer(self) -> None:
         """The shared injection pool: an IID sample of the training set on --pool-topic."""
-        cfg = self.cfg
+        cfg, plan = self.cfg, self.plan
         cmd = [sys.executable, "-m", "streamsim.pool", "--bootstrap", cfg.bootstrap,
                "--dataset", cfg.dataset, "--topic", cfg.pool_topic,
-               "--rate", repr(cfg.pool_rate_per_s), "--duration", repr(cfg.duration_s),
+               "--rate", repr(cfg.pool_rate_per_s), "--duration", repr(plan.duration_s),
                "--pace", "virtual" if cfg.clock == "virtual" else "realtime",
-               "--seed", str(cfg.seed), "--arrivals", cfg.arrivals,
-               "--start-time", repr(cfg.stream_start_s), "--image-size", str(cfg.image_size)]
+               "--seed", str(plan.seed), "--arrivals", plan.arrivals,
+               "--start-time", repr(plan.stream_start_s), "--image-size", str(cfg.image_size)]
         if cfg.data_dir:
             cmd += ["--data-dir", cfg.data_dir]
         cmd += self._kafka_args()

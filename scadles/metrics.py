@@ -11,10 +11,12 @@ Only this module writes run logs. A run directory holds:
   "signal", "floats_sent", "compress_s" and, with injection, "injected", "injected_bytes"}``;
   ``{"kind": "eval", "step", "clock_s", "samples", "loss", "top1", "top5"}`` (percent,
   identical on every rank); ``{"kind": "resume", "step"}`` where a resumed run continued.
-- ``run.json``: the configuration, versions, git commit, the partition summary
-  (``"partition": {"labels_per_device": [[...]], "samples_per_device": [...]}``) and, at
-  the end, ``"summary"`` (``"stop_reason"``: max steps, max stream time, streams ended or
-  interrupted).
+- ``run.json``: the configuration, versions, git commit, the stream plan
+  (``"stream_plan"``: ``streamsim.plan.StreamPlan.to_dict``; absent in older runs), the
+  partition summary (``"partition": {"labels_per_device": [[...]], "samples_per_device":
+  [...]}``) and, at the end, ``"summary"`` (``"stop_reason"``: max steps, max stream time,
+  streams ended or interrupted; ``"devices"``: per device, ``"rate_per_s"`` its mean rate
+  over the run's stream time, ...).
 - ``rank-<r>.log``: everything rank r wrote to stdout and stderr (``capture_output``), its
   log lines prefixed ``rank <r>``; ``producer.log`` likewise for the producer.
 - ``tb/``: with ``--tensorboard``, TensorBoard event files of the same rows

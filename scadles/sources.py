@@ -23,7 +23,7 @@ from typing import Callable, Iterable, NamedTuple, Protocol
 
 import numpy as np
 
-from streamsim.pool import POOL_DEVICE, make_pool_stream
+from streamsim.pool import POOL_DEVICE
 from streamsim.record import EndOfStream, RecordError, Sample, decode, event_time_ms
 
 log = logging.getLogger(__name__)
@@ -537,20 +537,22 @@ def inprocess_sources_factory(streams, dataset, start_time_s: float,
     return open_source
 
 
-def sources_factory(cfg, device: int, dataset, streams, start_time_s: float,
+def sources_factory(cfg, device: int, dataset, plan, streams,
                     topic_prefix: str | None = None) -> SourcesFactory:
     """The peer sources a run's config asks for (``cfg.source``: kafka or inprocess).
 
-    ``streams``: every device's ``DeviceStream`` (in-process runs; unused with Kafka);
-    ``start_time_s``: event time of stream second 0 (in-process); ``topic_prefix``: the
-    run's device-topic prefix (default ``cfg.topic_prefix``), also the prefix of the Kafka
-    groups ``<prefix>inject-<device>-from-<peer>``. In-process pools stream at
+    ``plan``: the run's ``streamsim.plan.StreamPlan`` (in-process runs: its start time,
+    duration and pool stream; unused with Kafka); ``streams``: every device's
+    ``DeviceStream`` of it (in-process runs); ``topic_prefix``: the run's device-topic
+    prefix (default ``cfg.topic_prefix``), also the prefix of the Kafka groups
+    ``<prefix>inject-<device>-from-<peer>``. In-process pools stream at
     ``cfg.pool_rate_per_s`` (the launcher's pool producer's rate), arrivals even."""
     prefix = cfg.topic_prefix if topic_prefix is None else topic_prefix
     pooled = cfg.inject_from == "pool"
     if cfg.source == "inprocess":
-        pool = make_pool_stream(dataset, cfg.pool_rate_per_s, cfg.seed) if pooled else None
-        return inprocess_sources_factory(streams, dataset, start_time_s, cfg.duration_s, pool)
+        pool = plan.pool_stream(dataset, cfg.pool_rate_per_s) if pooled else None
+        return inprocess_sources_factory(streams, dataset, plan.stream_start_s,
+                                         plan.duration_s, pool)
     from streamsim.kafkaconfig import load_client_config
 
     return kafka_sources_factory(cfg.bootstrap, prefix, device, dataset.num_classes,

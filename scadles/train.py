@@ -59,8 +59,8 @@ from streamsim import logsetup
 from streamsim.broker import BrokerUnreachable
 from streamsim.datasets import DatasetError, load_dataset
 from streamsim.kafkaconfig import load_client_config
+from streamsim.plan import StreamPlan, default_stream_start_s
 from streamsim.plugins import PluginError
-from streamsim.record import VIRTUAL_EPOCH_S
 
 FAIL_EXIT = 17  # exit status of the --fail-at-step test hook
 KNOWN_FAILURE_EXIT = 3  # a failure with a one-line cause (FAILED_MARK)
@@ -79,7 +79,7 @@ def agree_run_info(comm, cfg: Config) -> dict:
     info = {"topic_prefix": cfg.topic_prefix, "run_id": cfg.run_id,
             "stream_start_s": cfg.stream_start_s}
     if info["stream_start_s"] is None:
-        info["stream_start_s"] = VIRTUAL_EPOCH_S if cfg.clock == "virtual" else time.time()
+        info["stream_start_s"] = default_stream_start_s(virtual=cfg.clock == "virtual")
     data = json.dumps(info).encode() if comm.rank == 0 else b""
     length = torch.tensor([len(data)], dtype=torch.int64, device=comm.device)
     comm.broadcast_(length, src=0)
@@ -94,33 +94,25 @@ _STREAMS: dict[tuple, list] = {}  # device_streams, built once per process
 _STREAMS_LOCK = threading.Lock()
 
 
-def device_streams(cfg: Config, train_set):
-    """Every device's stream, exactly as the producer builds it (for in-process sources).
-    Built once per process: streams are stateless (every iteration starts afresh), so the
-    devices a rank simulates (``--devices-per-rank``) share them."""
-    from streamsim.partition import make_partition
-    from streamsim.schedule import make_schedules
-    from streamsim.stream import DeviceStream
-
-    key = (id(train_set), cfg.world_size, cfg.partition, cfg.seed, cfg.rates,
-           cfg.rate_schedule, cfg.arrivals)
+def device_streams(plan: StreamPlan, train_set):
+    """Every device's stream of ``plan``, exactly as the producer builds it (for in-process
+    sources). Built once per process: streams are stateless (every iteration starts
+    afresh), so the devices a rank simulates (``--devices-per-rank``) share them."""
+    key = (id(train_set), plan)
     with _STREAMS_LOCK:
         if key not in _STREAMS:
-            part = make_partition(train_set.labels, cfg.world_size, cfg.partition, cfg.seed)
-            schedules = make_schedules(cfg.rates, cfg.world_size, cfg.seed, cfg.rate_schedule)
-            _STREAMS[key] = [DeviceStream(train_set, part.indices[d], schedules[d], d,
-                                          cfg.seed, cfg.arrivals)
-                             for d in range(cfg.world_size)]
+            _STREAMS[key] = plan.streams(train_set)
         return _STREAMS[key]
 
 
-def open_source(cfg: Config, info: dict, device: int, train_set, start, streams=None,
-                group: str | None = None, share: int = 1):
-    """The source of device ``device``'s stream: its Kafka topic or the in-process twin
-    (``share``: devices in this process, which split the in-process sources' read-ahead)."""
+def open_source(cfg: Config, plan: StreamPlan, info: dict, device: int, train_set, start,
+                streams=None, group: str | None = None, share: int = 1):
+    """The source of device ``device``'s stream: its Kafka topic or the in-process twin of
+    ``plan``'s stream (``streams``: ``device_streams``; ``share``: devices in this process,
+    which split the in-process sources' read-ahead)."""
     if cfg.source == "inprocess":
-        return InProcessSource(streams[device], train_set, info["stream_start_s"],
-                               cfg.duration_s, start=start if isinstance(start, int) else 0,
+        return InProcessSource(streams[device], train_set, plan.stream_start_s,
+                               plan.duration_s, start=start if isinstance(start, int) else 0,
                                chunk_bytes=InProcessSource.CHUNK_BYTES // max(1, share))
     prefix = info["topic_prefix"]
     settings = load_client_config(cfg.kafka_config)
@@ -149,13 +141,13 @@ def shared_consumer(bootstrap: str, group_id: str, settings: dict) -> SharedCons
         return _SHARED[key]
 
 
-def make_injector(cfg: Config, rank: int, info: dict, train_set, streams):
+def make_injector(cfg: Config, rank: int, info: dict, plan: StreamPlan, train_set, streams):
     """The data injector (``scadles.inject``) of this device, or None when it is off."""
     if cfg.alpha <= 0:
         return None
     from scadles import inject
 
-    factory = sources_factory(cfg, rank, train_set, streams, info["stream_start_s"],
+    factory = sources_factory(cfg, rank, train_set, plan, streams,
                               topic_prefix=info["topic_prefix"])
     return inject.make_injector(cfg, rank, factory)
 
@@ -230,14 +222,13 @@ def gather_json(comm, obj, decode: bool = True) -> list:
     return [json.loads(t.cpu().numpy().tobytes().decode()) for t in gathered]
 
 
-def device_summary(comm, cfg: Config, samples_trained: int, buffer_stats: dict, steps: int,
-                   injection: dict | None) -> list[dict]:
-    """Per device, over the whole run (a resumed run included): stream rate, samples trained
-    from its own stream, mean local batch, injected, dropped, truncated and duplicate
-    records, the peak buffer and malformed records (total and per kind), gathered from
-    every rank; on rank 0 (the one that writes the summary), [] on the others."""
-    from streamsim.schedule import make_schedules
-
+def device_summary(comm, plan: StreamPlan, stream_s: float, samples_trained: int,
+                   buffer_stats: dict, steps: int, injection: dict | None) -> list[dict]:
+    """Per device, over the whole run (a resumed run included): the mean stream rate over
+    the run's ``stream_s`` stream seconds (``plan``'s schedule), samples trained from its
+    own stream, mean local batch, injected, dropped, truncated and duplicate records, the
+    peak buffer and malformed records (total and per kind), gathered from every rank; on
+    rank 0 (the one that writes the summary), [] on the others."""
     malformed = buffer_stats["malformed"]
     mine = {"samples_trained": int(samples_trained),
             "injected": int((injection or {}).get("injected", 0)),
@@ -249,10 +240,10 @@ def device_summary(comm, cfg: Config, samples_trained: int, buffer_stats: dict, 
     gathered = gather_json(comm, mine, decode=comm.rank == 0)
     if not gathered:
         return []
-    schedules = make_schedules(cfg.rates, cfg.world_size, cfg.seed, cfg.rate_schedule)
+    rates = plan.mean_rates(stream_s)
     rows = []
     for device, row in enumerate(gathered):
-        rows.append({"device": device, "rate_per_s": schedules[device].rate_at(0.0), **row,
+        rows.append({"device": device, "rate_per_s": rates[device], **row,
                      "mean_local_bsz": row["samples_trained"] / steps if steps else 0.0})
     return rows
 
@@ -300,6 +291,7 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
     share_cpu_threads(comm)
     info = agree_run_info(comm, cfg)
     stream_start_s = info["stream_start_s"]
+    plan = cfg.stream_plan(stream_start_s)
     progress = metrics.Progress(enabled=rank == 0, max_steps=cfg.max_steps, stream=display)
 
     # Data: the training split for shapes and statistics (and in-process streams), the test
@@ -359,14 +351,14 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
     rows = metrics.RankLog(cfg.log_dir, rank, resume_step=step if cfg.resume else None,
                            tensorboard=cfg.tensorboard)
 
-    streams = device_streams(cfg, train_set) if cfg.source == "inprocess" else None
-    buffer = StreamBuffer(open_source(cfg, info, rank, train_set, start_offset, streams,
+    streams = device_streams(plan, train_set) if cfg.source == "inprocess" else None
+    buffer = StreamBuffer(open_source(cfg, plan, info, rank, train_set, start_offset, streams,
                                       share=devices_in_process(comm)),
                           cfg.policy, cfg.buffer_capacity, cfg.window_s,
                           stop_requested=stop_requested)
     if rank_state is not None and "buffer" in rank_state:
         buffer.load_state_dict(rank_state["buffer"])
-    injector = make_injector(cfg, rank, info, train_set, streams)
+    injector = make_injector(cfg, rank, info, plan, train_set, streams)
     if injector is not None and rank_state is not None and "injector" in rank_state:
         injector.load_state_dict(rank_state["injector"])
 
@@ -545,7 +537,8 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
     ex_summary = exchanger.summary()
     bytes_sent_total = int(agree(comm, [ex_summary.bytes_sent_total])[0])
     final = last_eval or {}
-    summary = {"steps": step, "stream_s": clock.now() - stream_start_s,
+    stream_s = clock.now() - stream_start_s
+    summary = {"steps": step, "stream_s": stream_s,
                "samples": samples_global, "stop_reason": stop_reason,
                "final_top1": final.get("top1"), "final_top5": final.get("top5"),
                "best_top1": best_top1, "bytes_sent_total": bytes_sent_total,
@@ -554,7 +547,8 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
                "dense_steps": ex_summary.dense_steps, "compression_hint": ex_summary.hint,
                "wall_s": time.time() - wall_start, "log_dir": cfg.log_dir,
                "buffer": buffer.stats(),
-               "devices": device_summary(comm, cfg, samples_trained, buffer.stats(), step,
+               "devices": device_summary(comm, plan, stream_s, samples_trained,
+                                         buffer.stats(), step,
                                          injector.summary() if injector else None)}
     if injector is not None:
         summary["injection"] = injector.summary()

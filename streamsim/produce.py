@@ -41,6 +41,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from streamsim import record
+from streamsim.plan import StreamPlan, default_stream_start_s
 
 PACES = ("realtime", "virtual")
 DEFAULT_TOPIC_PREFIX = "trainer-"
@@ -577,7 +578,7 @@ def produce(bootstrap: str, streams: Sequence, dataset, duration_s: float, pace:
 def _resolve_start(pace: str, start_time_s: float | None) -> float:
     if start_time_s is not None:
         return float(start_time_s)
-    return time.time() if pace == "realtime" else record.VIRTUAL_EPOCH_S
+    return default_stream_start_s(virtual=pace != "realtime")
 
 
 def _produce_here(bootstrap, streams, dataset, duration_s, pace, topic_of, start_time_s,
@@ -726,20 +727,11 @@ def _balanced_groups(streams: Sequence, duration_s: float, workers: int) -> list
 def build_streams(dataset, partition: str, world_size: int, rates: str, seed: int,
                   rate_schedule: str | None = None, arrivals: str = "even",
                   devices: Sequence[int] | None = None) -> list:
-    """The ``DeviceStream`` of each device in ``devices`` (default all), as the CLI builds
-    them: ``make_partition`` + ``make_schedules``, same seed."""
-    from streamsim.partition import make_partition
-    from streamsim.schedule import make_schedules
-    from streamsim.stream import DeviceStream
-
-    schedules = make_schedules(rates, world_size, seed, rate_schedule)
-    if len(schedules) != world_size:
-        raise ValueError(f"rates {rates!r} give {len(schedules)} schedules for world size "
-                         f"{world_size}")
-    part = make_partition(dataset.labels, world_size, partition, seed)
-    devices = range(world_size) if devices is None else devices
-    return [DeviceStream(dataset, part.indices[d], schedules[d], d, seed, arrivals)
-            for d in devices]
+    """The ``DeviceStream`` of each device in ``devices`` (default all) of the
+    ``StreamPlan`` these settings make (``streamsim.plan``), as the CLI builds them."""
+    plan = StreamPlan(devices=world_size, rates=rates, partition=partition,
+                      rate_schedule=rate_schedule, arrivals=arrivals, seed=seed)
+    return plan.streams(dataset, devices)
 
 
 def _parse_devices(text: str | None, world_size: int) -> list[int] | None:
@@ -855,10 +847,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.world_size < 1:
             raise ValueError(f"--world-size {args.world_size}: must be >= 1")
         workers = None if args.workers == "auto" else _positive_int(args.workers, "--workers")
-        from streamsim.partition import parse_scheme
-        from streamsim.schedule import make_schedules
-        make_schedules(args.rates, args.world_size, args.seed, args.rate_schedule)  # fail fast
-        parse_scheme(args.partition)
+        plan = StreamPlan(devices=args.world_size, rates=args.rates, partition=args.partition,
+                          rate_schedule=args.rate_schedule, arrivals=args.arrivals,
+                          seed=args.seed, stream_start_s=args.start_time,
+                          duration_s=args.duration)
         devices = _parse_devices(args.devices, args.world_size)
         client_config = load_client_config(args.kafka_config)
         if args.replication_factor < 1:
@@ -875,14 +867,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dataset = load_dataset(args.dataset, "train", args.data_dir, args.download,
                                args.image_size, args.seed)
-        streams = build_streams(dataset, args.partition, args.world_size, args.rates,
-                                args.seed, args.rate_schedule, args.arrivals, devices)
+        streams = plan.streams(dataset, devices)
     except (ValueError, DatasetError) as e:
         print(f"produce: {e}", file=sys.stderr)
         return 2
     try:
-        summary = produce(args.bootstrap, streams, dataset, args.duration, args.pace,
-                          args.topic_prefix, args.start_time, eos=not args.no_eos,
+        summary = produce(args.bootstrap, streams, dataset, plan.duration_s, args.pace,
+                          args.topic_prefix, plan.stream_start_s, eos=not args.no_eos,
                           workers=workers, progress=not args.quiet and not args.json,
                           client_config=client_config,
                           replication_factor=args.replication_factor)

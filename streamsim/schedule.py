@@ -107,6 +107,13 @@ class RateSchedule:
         """Integral of the rate over [t0_s, t1_s)."""
         return self.cumulative(t1_s) - self.cumulative(t0_s)
 
+    def mean_rate(self, duration_s: float) -> float:
+        """The time-average of the rate over [0, duration_s) (samples/s): Lambda(d) / d; a
+        constant rate exactly, and the rate at 0 s when ``duration_s`` is 0."""
+        if self.is_constant or not duration_s > 0:
+            return self.rate_at(0.0)
+        return self.cumulative(duration_s) / duration_s
+
     def time_of_count(self, counts) -> np.ndarray:
         """Lambda^-1: the first time the cumulative count reaches ``counts`` while the
         stream is running (inf where it never does)."""

@@ -87,8 +87,9 @@ def test_settings_reach_every_client(broker, unique_name, kafka_config):
                       "--world-size", "1", "--rates", "10", "--topic-prefix", unique_name],
                      check_environment=False)
     info = {"topic_prefix": unique_name, "stream_start_s": VIRTUAL_EPOCH_S}
-    sources = [open_source(cfg, info, 0, data, "beginning"),
-               sources_factory(cfg, 0, data, None, VIRTUAL_EPOCH_S, unique_name)(0)]
+    plan = cfg.stream_plan(VIRTUAL_EPOCH_S)
+    sources = [open_source(cfg, plan, info, 0, data, "beginning"),
+               sources_factory(cfg, 0, data, plan, None, unique_name)(0)]
     for source in sources:
         try:
             assert has_settings(source._consumer.consumer.config)

@@ -117,6 +117,14 @@ def test_scadles_virtual_batches_follow_rates(reference_run):
     assert run["partition"]["samples_per_device"] == [20000] * 3
     assert run["summary"]["steps"] == 10 and run["summary"]["final_top1"] is not None
     assert run["config"]["world_size"] == 3 and run["versions"]["torch"]
+    # the launcher's stream plan: the one each rank builds from the same config
+    from scadles.config import Config
+    from streamsim.plan import StreamPlan
+
+    plan = StreamPlan.from_dict(run["stream_plan"])
+    assert plan == Config(**run["config"]).stream_plan()
+    assert plan.devices == 3 and plan.stream_start_s == run["config"]["stream_start_s"]
+    assert [d["rate_per_s"] for d in run["summary"]["devices"]] == rates
 
 
 def test_resume_after_a_killed_rank(reference_run, broker, env, tmp_path):
@@ -171,7 +179,7 @@ def test_the_training_loop_equals_a_single_process_reference(reference_run):
     cfg = Config(**run["config"])
     data = load_dataset(cfg.dataset, "train", cfg.data_dir, False, cfg.image_size, cfg.seed)
     index_of = []
-    for stream in device_streams(cfg, data):
+    for stream in device_streams(cfg.stream_plan(), data):
         seqs, _, indices = stream.plan(cfg.duration_s)
         index_of.append(dict(zip(seqs.tolist(), indices.tolist())))
     mean = torch.tensor(data.mean).view(1, -1, 1, 1)

@@ -214,3 +214,20 @@ def test_rate_schedule_validation():
 ])
 def test_listed_rates_tells_a_list_of_numbers_from_the_other_forms(spec, items):
     assert listed_rates(spec) == items
+
+
+def test_mean_rate_is_the_time_average_over_the_run():
+    piecewise = make_schedules("0:64,300:16", 1, seed=0)[0]
+    assert piecewise.mean_rate(600.0) == 40.0
+    assert piecewise.mean_rate(300.0) == 64.0
+    assert piecewise.mean_rate(0.0) == 64.0  # no stream time yet: the rate at 0 s
+    rotating = make_schedules("10 20 30 40", 4, seed=0, rate_schedule="rotate:100")
+    assert [s.mean_rate(400.0) for s in rotating] == [25.0] * 4  # one full turn
+    assert [s.mean_rate(200.0) for s in rotating] == [15.0, 25.0, 35.0, 25.0]
+    assert [s.mean_rate(150.0) for s in rotating] == pytest.approx([40 / 3, 70 / 3, 100 / 3,
+                                                                    30.0])
+    # a constant rate is itself, exactly, over any stretch (float rates included)
+    for rate in (0.1, 16.0, 37.3, 64.0):
+        for duration_s in (0.0, 0.7, 123.456, 1e6):
+            assert make_schedules([rate], 1, seed=0)[0].mean_rate(duration_s) == rate
+    assert make_schedules([5.0], 1, seed=0, rate_schedule="rotate:3")[0].mean_rate(7.0) == 5.0
