@@ -508,8 +508,9 @@ def train(cfg: Config, comm, display=None, stop_requested: StopRequest | None = 
         group_interrupted, group_over = end_of_step()
         stream_s = clock.now() - stream_start_s
 
-        row = {"kind": "train", "step": step, "clock_s": round(stream_s, 6), "local_bsz": local_bsz,
-               "global_bsz": global_bsz, "weight": weight, "lr": lr, "wait_s": batch.wait_s,
+        row = {"kind": "train", "step": step, "device": rank, "clock_s": round(stream_s, 6),
+               "local_bsz": local_bsz, "global_bsz": global_bsz, "weight": weight, "lr": lr,
+               "wait_s": batch.wait_s,
                "compute_s": compute_s, "sync_s": sync_s, "buffer_len": batch.buffer_len,
                "buffer_peak": batch.buffer_peak,
                "dropped": batch.dropped, "truncated": batch.truncated,
