@@ -2,7 +2,6 @@
 (``tests/plugins``), their one-line errors, QSGD, and the exchanger's general payload path."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 import torch
 
 from scadles.compress import check_compressor, make_compressor
-from scadles.compress.identity import IdentityCompressor
 from scadles.compress.qsgd import QSGDCompressor
 from scadles.compress.topk import TopKCompressor
 from scadles.config import parse_args
