@@ -314,6 +314,21 @@ class SharedConsumer:
         finally:
             kafka_log.setLevel(level)
 
+    _OF_PROCESS: dict[tuple, "SharedConsumer"] = {}
+    _OF_PROCESS_LOCK = threading.Lock()
+
+    @classmethod
+    def of_process(cls, bootstrap: str, group_id: str,
+                   consumer_settings: dict | None = None) -> "SharedConsumer":
+        """This process's open consumer for (``bootstrap``, ``group_id``), made on first use:
+        the one its simulated devices read their topics through."""
+        with cls._OF_PROCESS_LOCK:
+            key = (bootstrap, group_id)
+            held = cls._OF_PROCESS.get(key)
+            if held is None or held.closed:
+                held = cls._OF_PROCESS[key] = cls(bootstrap, group_id, consumer_settings)
+            return held
+
     def add(self, tp, start: str | int) -> int:
         """Assign partition ``tp`` too (the others keep their positions) at ``start``
         ("committed", "beginning" or an offset); returns the offset it starts at."""

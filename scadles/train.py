@@ -119,26 +119,12 @@ def open_source(cfg: Config, plan: StreamPlan, info: dict, device: int, train_se
     shared = None
     if share > 1:  # the process's devices read their topics through one consumer
         first = device - device % share
-        shared = shared_consumer(cfg.bootstrap,
-                                 group or f"{prefix}trainer-{first}-{first + share - 1}",
-                                 settings)
+        shared = SharedConsumer.of_process(
+            cfg.bootstrap, group or f"{prefix}trainer-{first}-{first + share - 1}", settings)
     return KafkaSource(cfg.bootstrap, f"{prefix}{device}",
                        group or f"{prefix}trainer-{device}", device,
                        num_classes=train_set.num_classes, sample_shape=train_set.sample_shape,
                        start=start, consumer_settings=settings, shared=shared)
-
-
-_SHARED: dict[tuple, SharedConsumer] = {}  # shared_consumer's, per process
-_SHARED_LOCK = threading.Lock()
-
-
-def shared_consumer(bootstrap: str, group_id: str, settings: dict) -> SharedConsumer:
-    """The one consumer this process's simulated devices read their topics through."""
-    with _SHARED_LOCK:
-        key = (bootstrap, group_id)
-        if key not in _SHARED or _SHARED[key].closed:
-            _SHARED[key] = SharedConsumer(bootstrap, group_id, settings)
-        return _SHARED[key]
 
 
 def make_injector(cfg: Config, rank: int, info: dict, plan: StreamPlan, train_set, streams):
